@@ -165,7 +165,7 @@ def select(
     if want == "off":
         raise EPPluginError(f"{source} is 'off': no backend is to be installed")
     why: dict[str, tuple[str, str]] = {n: ("failed", f"factory raised: {e}") for n, e in failed.items()}
-    notes = list(registry.notes)
+    notes = list(registry.notes) + [f"plugin {p.name!r} failed to load: {p.error}" for p in registry.failed_plugins()]
 
     if want != "auto":
         cand = _resolve(want, candidates, registry, f"{source}={want!r}")

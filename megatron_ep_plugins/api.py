@@ -1,0 +1,123 @@
+"""The facade: ``install()``, ``uninstall()``, ``explain()``, ``installed()``.
+
+``install()`` = read settings -> discover plugins -> select and create a backend -> bind it into
+Megatron-signature functions (with the once-per-group rank agreement check) -> patch Megatron ->
+notify plugins. Users keep ``moe_flex_dispatcher_backend="deepep"`` in their Megatron config; the
+implementation underneath is swapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from . import __version__, patching
+from .autograd import build_slot
+from .config import Settings, load_settings, normalize_backend_request
+from .consistency import check_agreement
+from .manager import Registry, discover
+from .selection import Choice, probe_all, select, select_and_create
+from .spec import EPBackend
+
+__all__ = ["Installation", "explain", "install", "installed", "list_backends", "uninstall"]
+
+log = logging.getLogger("megatron_ep_plugins")
+_lock = threading.RLock()
+_installation: Optional["Installation"] = None
+
+
+@dataclass(frozen=True)
+class Installation:
+    """What ``install()`` did: the choice (with its explanation), the live backend, the patched slots."""
+
+    choice: Choice
+    backend: EPBackend
+    megatron_version: str
+    patched: tuple[str, ...]
+    settings: Settings
+
+    @property
+    def name(self) -> str:
+        return self.choice.spec.name
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.choice.as_dict() | {"megatron_core": self.megatron_version, "patched": list(self.patched)}
+
+
+def _configure_logging(settings: Settings) -> None:
+    log.setLevel(settings.log_level.upper())
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[megatron_ep_plugins] %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def installed() -> Optional[Installation]:
+    """The active installation, or ``None``."""
+    return _installation
+
+
+def install(backend: Optional[str] = None, *, environ: Optional[Mapping[str, str]] = None) -> Optional[Installation]:
+    """Select a backend and patch Megatron's flex dispatcher slot with it.
+
+    :param backend: a backend name/alias or ``"auto"``; overrides ``MCORE_EP_BACKEND``. When omitted
+        and ``MCORE_EP_BACKEND=off``, nothing is installed and ``None`` is returned.
+    :raises UnknownBackendError, BackendUnavailableError, NoBackendAvailableError, BackendInitError,
+        PatchError, ConfigError: with a message naming the cause and the fix.
+
+    Idempotent: installing the backend that is already installed returns the existing installation;
+    another backend replaces it (the original Megatron objects stay recorded for ``uninstall()``).
+    """
+    global _installation
+    settings = load_settings(environ)
+    _configure_logging(settings)
+    if backend is None and settings.backend == "off":
+        log.info("MCORE_EP_BACKEND=off: Megatron's own dispatcher is left in place")
+        return None
+    with _lock:
+        want = normalize_backend_request(backend if backend is not None else settings.backend)
+        if _installation is not None and (want == _installation.choice.requested or want == _installation.name) \
+                and settings == _installation.settings:
+            return _installation
+        version = patching.megatron_version()
+        patching.entry_for(version, settings.allow_untested_megatron)  # refuse early, before creating buffers
+        registry = discover(settings)
+        choice, live = select_and_create(registry, settings, backend)
+
+        def check_group(group: Any) -> None:
+            if settings.check_ranks:
+                check_agreement(group, choice.spec.name, live.agreement_key(), __version__)
+
+        slot = build_slot(live, check_group)
+        patched = patching.apply(slot, version, settings.allow_untested_megatron)
+        _installation = Installation(choice, live, version, tuple(patched), settings)
+        log.info("%s", choice.summary())
+        pm = registry.pluggy_manager
+        if pm is not None:
+            pm.hook.ep_backend_installed(choice=choice, backend=live)
+        return _installation
+
+
+def uninstall() -> list[str]:
+    """Restore Megatron's original objects; returns the restored slot paths (``[]`` if none)."""
+    global _installation
+    with _lock:
+        restored = patching.revert()
+        _installation = None
+        return restored
+
+
+def explain(backend: Optional[str] = None, *, environ: Optional[Mapping[str, str]] = None) -> Choice:
+    """What ``install(backend)`` would choose now, and why (no backend is created, nothing patched)."""
+    settings = load_settings(environ)
+    return select(discover(settings), settings, backend)
+
+
+def list_backends(*, environ: Optional[Mapping[str, str]] = None) -> tuple[Registry, tuple]:
+    """Discovery plus every backend's probe verdict (what ``megatron-ep list`` shows)."""
+    settings = load_settings(environ)
+    registry = discover(settings)
+    return registry, probe_all(registry)
