@@ -194,7 +194,8 @@ def discover(settings: Settings) -> Registry:
                     raise DuplicateBackendError(
                         f"backend name {word!r} is registered twice: by plugin {other_plugin!r} "
                         f"(backend {other_backend!r}) and by plugin {plugin_name!r} (backend {spec.name!r}); "
-                        f"uninstall one or block it with MCORE_EP_PLUGINS_DISABLE={plugin_name}"
+                        f"uninstall one, or block one with MCORE_EP_PLUGINS_DISABLE={plugin_name} "
+                        f"or MCORE_EP_PLUGINS_DISABLE={other_plugin}"
                     )
                 owner[word] = (spec.name, plugin_name)
             names.append(spec.name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import queue as queue_module
 import socket
 import traceback
 from datetime import timedelta
@@ -29,7 +31,7 @@ def _worker(fn, rank, world_size, port, queue, args, env):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        queue.put((rank, True, pickle.dumps(result)))  # plain pickle: no shared-memory handles
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -57,11 +59,14 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         for _ in range(world_size):
             try:
                 rank, ok, value = queue.get(timeout=timeout)
-            except Exception:
+            except queue_module.Empty:
                 missing = sorted(set(range(world_size)) - set(results) - set(errors))
                 errors.update({r: f"hung: no result within {timeout}s" for r in missing})
                 break
-            (results if ok else errors)[rank] = value
+            if ok:
+                results[rank] = pickle.loads(value)
+            else:
+                errors[rank] = value
     finally:
         for p in procs:
             p.join(timeout=5)
