@@ -98,6 +98,9 @@ def megatron_device_setup(device: torch.device, seed: int) -> dict[str, Any]:
     * ``parallel_state``'s global memory buffer (used by the unfused attention for its ``baddbmm``
       scratch tensor) allocates on ``torch.cuda.current_device()``; we replace it with one that
       allocates on the CPU (call this after ``initialize_model_parallel``).
+    * ``Router.gating`` moves a CPU router weight to ``torch.cuda.current_device()`` on every call
+      (it assumes CPU weights mean "CPU initialisation, GPU training"); for CPU inputs we route
+      through the same ``router_gating_linear`` without that move.
     * dispatcher: the ``alltoall`` dispatcher needs ``torch.cuda.Stream``; the *flex* dispatcher with
       ``moe_flex_dispatcher_backend="deepep"`` runs on CPU once the slot is served by a CPU-capable
       backend (``torch``: gloo all_to_all).
@@ -121,6 +124,20 @@ def megatron_device_setup(device: torch.device, seed: int) -> dict[str, Any]:
             return torch.empty(tuple(tensor_shape), dtype=dtype, device="cpu")
 
     ps._GLOBAL_MEMORY_BUFFER = _CPUMemoryBuffer()
+
+    from megatron.core.transformer.moe import router as mrouter
+
+    if not getattr(mrouter.Router.gating, "_cpu_safe", False):
+        cuda_gating = mrouter.Router.gating
+
+        def gating(self, input):
+            if input.device.type != "cpu":
+                return cuda_gating(self, input)
+            dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
+            return mrouter.router_gating_linear(input, self.weight, self.bias, dtype)
+
+        gating._cpu_safe = True
+        mrouter.Router.gating = gating
     return {
         "use_cpu_initialization": True,
         "gradient_accumulation_fusion": False,

@@ -113,6 +113,7 @@ def _table(candidates: tuple[Candidate, ...], registry: Registry) -> str:
     ]
     rows += [f"  - {s.name}: disabled by MCORE_EP_PLUGINS_DISABLE" for s in registry.disabled_backends]
     rows += [f"  - plugin {p.name!r} failed to load: {p.error}" for p in registry.failed_plugins()]
+    rows += [f"  - plugin {p.name!r}: {p.status} ({p.error})" for p in registry.plugins if p.status in ("blocked", "skipped")]
     return "\n".join(rows) if rows else "  (no backend registered: is megatron_ep_plugins installed?)"
 
 
@@ -126,6 +127,12 @@ def _resolve(name: str, candidates: tuple[Candidate, ...], registry: Registry, s
             f"{source} names backend {name!r}, but it is blocked by MCORE_EP_PLUGINS_DISABLE; "
             f"remove it from that list or choose another backend. Known backends:\n{_table(candidates, registry)}"
         )
+    for plugin in registry.plugins:
+        if plugin.name == name and plugin.status in ("blocked", "skipped"):
+            raise BackendUnavailableError(
+                f"{source} names {name!r}, and the plugin of that name is not loaded: {plugin.status} by "
+                f"{plugin.error}. Unblock it or choose another backend. Known backends:\n{_table(candidates, registry)}"
+            )
     raise UnknownBackendError(
         f"{source} names unknown backend {name!r}. Valid names: "
         f"{sorted(n for c in candidates for n in c.spec.names)} or 'auto'. Known backends:\n"
