@@ -188,7 +188,7 @@ def build_model(args: argparse.Namespace, device: torch.device, overrides: dict[
     spec = get_gpt_layer_local_spec(num_experts=args.experts, moe_grouped_gemm=False)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab,
                      max_sequence_length=args.seq, position_embedding_type="learned_absolute",
-                     parallel_output=False, share_embeddings_and_output_weights=False)
+                     parallel_output=True, share_embeddings_and_output_weights=False)
     return model.to(device), config
 
 
@@ -300,7 +300,7 @@ def train(args: argparse.Namespace) -> int:
         report = loss.detach().clone()
         dist.all_reduce(report)
         losses.append(report.item() / world)
-        say(f"step {step:3d}  loss {losses[-1]:.4f}")
+        say(f"step {step:3d}  loss {losses[-1]:.4f}  ({time.perf_counter() - t0:.1f}s)")
     seconds = time.perf_counter() - t0
 
     from megatron.core.transformer.moe import token_dispatcher as td

@@ -79,9 +79,10 @@ def install(backend: Optional[str] = None, *, environ: Optional[Mapping[str, str
         return None
     with _lock:
         want = normalize_backend_request(backend if backend is not None else settings.backend)
-        if _installation is not None and (want == _installation.choice.requested or want == _installation.name) \
-                and settings == _installation.settings:
-            return _installation
+        current = _installation
+        if current is not None and settings == current.settings \
+                and want in (current.choice.requested, *current.choice.spec.names):
+            return current
         version = patching.megatron_version()
         patching.entry_for(version, settings.allow_untested_megatron)  # refuse early, before creating buffers
         registry = discover(settings)
