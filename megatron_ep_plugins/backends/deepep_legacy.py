@@ -1,0 +1,326 @@
+"""Backend ``legacy``: DeepEP V1 ``deep_ep.Buffer``, called the way Megatron-Core's ``fused_a2a`` calls it.
+
+* One ``Buffer`` per backend, sized from ``Buffer.get_dispatch_config(R)``/``get_combine_config(R)`` hints
+  for the token's hidden bytes (as Megatron's ``get_buffer``), reused, and rebuilt only when the group
+  changes or a larger size is needed. Only the core constructor arguments are passed
+  (``group, num_nvl_bytes, num_rdma_bytes``): the optional keywords drift between DeepEP builds.
+* Dispatch = ``get_dispatch_layout`` then ``dispatch`` (6-tuple); combine's backward = ``dispatch(x,
+  handle=...)``; combine = ``combine`` (3-tuple). FP8 ``(e4m3, scales)`` input is passed through.
+* ``async_finish``: like Megatron, ``previous_event=EventOverlap(EventHandle())`` and
+  ``event.current_stream_wait()`` afterwards, so returned tensors are safe on the current stream.
+  ``allocate_on_comm_stream`` is only forwarded together with ``async_finish`` (DeepEP V1 asserts that
+  combination); without it allocation stays on the compute stream, which is always safe.
+* Combine with ``topk_weights`` (dispatch's backward) masks the entries whose expert lives elsewhere
+  before the kernel sums over ranks, so each source entry comes from the rank owning its expert.
+* ``EventOverlap``/``EventHandle`` are imported from ``deep_ep.utils``, else ``deep_ep.utils.event``, else
+  ``deep_ep`` (DeepEP V2 stopped re-exporting them from ``deep_ep.utils``, which makes Megatron 0.19.2's own
+  probe report DeepEP missing on a V2 install).
+
+Limits: the expert ids are not range-checked (that would cost a host sync; DeepEP does not either), and
+DeepEP V1 only has kernel configurations for some group sizes (2, 4, 8, 16, 24, 32, 64, ...).
+``MCORE_EP_LEGACY_NUM_SMS`` overrides Megatron's SM budget.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from ..config import read_int
+from ..errors import ConfigError, InvalidInputError
+from ..hookspecs import hookimpl
+from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["DeepEPLegacyBackend", "LegacyHandle", "ep_register_backends"]
+
+_EVENT_MODULES = ("deep_ep.utils", "deep_ep.utils.event", "deep_ep")
+
+
+def import_event_classes() -> tuple[Any, Any]:
+    """``(EventOverlap, EventHandle)`` from the first module that has both (V1 and V2 layouts)."""
+    tried = []
+    for module_name in _EVENT_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            tried.append(f"{module_name}: {exc}")
+            continue
+        overlap, handle = getattr(module, "EventOverlap", None), getattr(module, "EventHandle", None)
+        if overlap is not None and handle is not None:
+            return overlap, handle
+        tried.append(f"{module_name}: no EventOverlap/EventHandle")
+    raise ImportError("deep_ep's EventOverlap/EventHandle not found (" + "; ".join(tried) + ")")
+
+
+@dataclass
+class LegacyHandle:
+    """DeepEP's handle plus what the adapter needs for backward."""
+
+    raw: Any  # DeepEP V1's handle tuple
+    recv_topk_idx: "torch.Tensor"  # [N, K] local ids, -1 = expert elsewhere (masks combine's topk_weights)
+    num_tokens: int
+    num_recv: int
+    num_experts: int
+
+
+def _hidden_bytes(data: "torch.Tensor") -> int:
+    return data.size(1) * max(data.element_size(), 2)  # as Megatron's get_hidden_bytes
+
+
+def _validate_num_sms(num_sms: Any, what: str, exc: type) -> int:
+    if not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms <= 0 or num_sms % 2:
+        raise exc(f"{what}={num_sms!r} is invalid: DeepEP V1 needs a positive even SM count (e.g. 20 or 24)")
+    return num_sms
+
+
+def check_dispatch_args(backend: str, x, topk_idx, topk_weights, num_experts, world):
+    """Free metadata checks shared by the DeepEP adapters; returns ``(data, topk_idx as int64, is_fp8)``."""
+    import torch
+
+    is_fp8 = isinstance(x, tuple)
+    if is_fp8:
+        if len(x) != 2 or not all(isinstance(t, torch.Tensor) for t in x):
+            raise InvalidInputError(f"backend {backend!r}: FP8 input must be a (e4m3 tensor, fp32 scales) pair")
+        data, scales = x
+        if data.dim() != 2 or scales.dim() != 2 or scales.shape[0] != data.shape[0]:
+            raise InvalidInputError(
+                f"backend {backend!r}: FP8 input must be ([T, H] e4m3, [T, ceil(H/128)] fp32 scales), got "
+                f"{tuple(data.shape)} and {tuple(scales.shape)}")
+        if scales.dtype != torch.float32 or data.element_size() != 1:
+            raise InvalidInputError(
+                f"backend {backend!r}: FP8 input must be (float8_e4m3fn, float32 scales), got ({data.dtype}, "
+                f"{scales.dtype})")
+    else:
+        data = x
+        if not isinstance(data, torch.Tensor) or data.dim() != 2:
+            raise InvalidInputError(f"backend {backend!r}: x must be a [num_tokens, hidden] tensor, got {x!r:.80}")
+        if data.dtype != torch.bfloat16:
+            raise InvalidInputError(
+                f"backend {backend!r}: DeepEP dispatches bf16 tokens (or an FP8 (e4m3, scales) pair), got "
+                f"{data.dtype}; cast x to torch.bfloat16 or use the 'torch' backend")
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.shape[0] != data.shape[0]:
+        raise InvalidInputError(
+            f"backend {backend!r}: topk_idx must be [num_tokens={data.shape[0]}, topk] int64, got "
+            f"{getattr(topk_idx, 'shape', topk_idx)!r}")
+    if topk_idx.dtype not in (torch.int64, torch.int32):
+        raise InvalidInputError(f"backend {backend!r}: topk_idx must be int64 (global expert ids, -1 = masked), "
+                                f"got {topk_idx.dtype}")
+    if not isinstance(topk_weights, torch.Tensor) or topk_weights.shape != topk_idx.shape:
+        raise InvalidInputError(f"backend {backend!r}: topk_weights must have topk_idx's shape "
+                                f"{tuple(topk_idx.shape)}, got {getattr(topk_weights, 'shape', topk_weights)!r}")
+    if topk_weights.dtype != torch.float32:
+        raise InvalidInputError(f"backend {backend!r}: topk_weights must be float32 (DeepEP only supports fp32 "
+                                f"probs; set moe_router_dtype='fp32'), got {topk_weights.dtype}")
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0:
+        raise InvalidInputError(f"backend {backend!r}: num_experts must be a positive int, got {num_experts!r}")
+    if num_experts % world:
+        raise InvalidInputError(f"backend {backend!r}: num_experts={num_experts} is not divisible by the group "
+                                f"size {world}; use a multiple of {world}")
+    if topk_idx.dtype != torch.int64:
+        topk_idx = topk_idx.long()
+    return data, topk_idx, is_fp8
+
+
+class DeepEPLegacyBackend:
+    """DeepEP V1 ``Buffer`` behind the :class:`~megatron_ep_plugins.spec.EPBackend` protocol."""
+
+    name = "legacy"
+
+    def __init__(self) -> None:
+        env_sms = read_int("MCORE_EP_LEGACY_NUM_SMS", minimum=2)
+        if env_sms is not None:
+            _validate_num_sms(env_sms, "MCORE_EP_LEGACY_NUM_SMS", ConfigError)
+        import deep_ep
+
+        if not hasattr(deep_ep, "Buffer"):
+            raise ImportError("this deep_ep has no Buffer class (DeepEP V1 API); install DeepEP with the V1 Buffer")
+        self._Buffer = deep_ep.Buffer
+        self._EventOverlap, self._EventHandle = import_event_classes()
+        self._env_num_sms = env_sms
+        self.num_sms: Optional[int] = None
+        self._buffer = None
+        if env_sms is not None:
+            self._Buffer.set_num_sms(env_sms)
+            self.num_sms = env_sms
+
+    # -- EPBackend -----------------------------------------------------------------------------
+    def set_num_sms(self, num_sms: int) -> None:
+        _validate_num_sms(num_sms, "num_sms", InvalidInputError)
+        if self._env_num_sms is not None:
+            return  # MCORE_EP_LEGACY_NUM_SMS wins over Megatron's moe_flex_dispatcher_num_sms
+        self._Buffer.set_num_sms(num_sms)
+        self.num_sms = num_sms
+
+    def agreement_key(self) -> Mapping[str, Any]:
+        # The SM count fixes the channel count, which must match on every rank.
+        return {"algorithm": "deep_ep.Buffer", "num_sms": self.num_sms}
+
+    def _get_buffer(self, group, hidden_bytes: int):
+        size = group.size()
+        try:
+            configs = (self._Buffer.get_dispatch_config(size), self._Buffer.get_combine_config(size))
+        except (AssertionError, KeyError, ValueError) as exc:
+            raise InvalidInputError(
+                f"DeepEP V1 has no kernel configuration for an expert-parallel group of {size} ranks ({exc}); "
+                "use a supported size (2, 4, 8, 16, 24, 32, 64, ...) or the 'elastic'/'torch' backend") from None
+        num_nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, size) for c in configs)
+        num_rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, size) for c in configs)
+        buf = self._buffer
+        if buf is None or buf.group is not group or buf.num_nvl_bytes < num_nvl or buf.num_rdma_bytes < num_rdma:
+            # NOTES (DeepEP): the network's adaptive routing must be off for internode.
+            self._buffer = buf = self._Buffer(group, num_nvl, num_rdma)
+        return buf
+
+    def _events(self, async_finish: bool, allocate_on_comm_stream: bool):
+        previous = self._EventOverlap(self._EventHandle()) if async_finish else None
+        return previous, bool(allocate_on_comm_stream and async_finish)
+
+    def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
+                 allocate_on_comm_stream=False) -> DispatchResult:
+        import torch
+        import torch.distributed as dist
+
+        data, topk_idx, _ = check_dispatch_args(self.name, x, topk_idx, topk_weights, num_experts,
+                                                dist.get_world_size(group))
+        buffer = self._get_buffer(group, _hidden_bytes(data))
+        previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
+        per_rank, per_rdma_rank, per_expert, in_rank, event = buffer.get_dispatch_layout(
+            topk_idx, num_experts, previous_event=previous, async_finish=async_finish,
+            allocate_on_comm_stream=on_comm)
+        recv_x, recv_idx, recv_w, counts, raw, after = buffer.dispatch(
+            x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            previous_event=event, async_finish=async_finish, allocate_on_comm_stream=on_comm)
+        if async_finish:
+            after.current_stream_wait()
+        num_recv = (recv_x[0] if isinstance(recv_x, tuple) else recv_x).shape[0]
+        handle = LegacyHandle(raw, recv_idx, data.shape[0], num_recv, num_experts)
+        return DispatchResult(recv_x, recv_idx, recv_w, torch.tensor(counts, dtype=torch.int64), handle)
+
+    def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
+        h = _check_handle(handle)
+        data = x[0] if isinstance(x, tuple) else x
+        if data.dim() != 2 or data.shape[0] != h.num_tokens:
+            raise InvalidInputError(
+                f"dispatch with a cached handle expects x of shape [{h.num_tokens}, H] (the token count of the "
+                f"dispatch that made the handle), got {tuple(data.shape)}")
+        if not isinstance(x, tuple):
+            x = x.contiguous()
+        buffer = self._get_buffer(group, _hidden_bytes(data))
+        previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
+        recv_x, _, _, _, _, after = buffer.dispatch(x, handle=h.raw, previous_event=previous,
+                                                     async_finish=async_finish, allocate_on_comm_stream=on_comm)
+        if async_finish:
+            after.current_stream_wait()
+        return recv_x
+
+    def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
+        import torch
+
+        h = _check_handle(handle)
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != h.num_recv:
+            raise InvalidInputError(
+                f"combine expects x of shape [{h.num_recv}, H] (one row per row dispatch delivered here, same "
+                f"order), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype != torch.bfloat16:
+            raise InvalidInputError(f"backend 'legacy': DeepEP combines bf16 rows, got {x.dtype}; cast to bf16")
+        if topk_weights is not None:
+            if topk_weights.shape != h.recv_topk_idx.shape:
+                raise InvalidInputError(f"combine's topk_weights must have shape {tuple(h.recv_topk_idx.shape)}, "
+                                        f"got {tuple(topk_weights.shape)}")
+            # DeepEP sums every rank's entries; keep only those whose expert lives on this rank.
+            topk_weights = torch.where(h.recv_topk_idx >= 0, topk_weights.float(), 0.0)
+        buffer = self._get_buffer(group, _hidden_bytes(x))
+        previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
+        combined, combined_w, after = buffer.combine(
+            x.contiguous(), h.raw, topk_weights=topk_weights, previous_event=previous, async_finish=async_finish,
+            allocate_on_comm_stream=on_comm)
+        if async_finish:
+            after.current_stream_wait()
+        return combined, (combined_w if topk_weights is not None else None)
+
+
+def _check_handle(handle: Any) -> LegacyHandle:
+    if not isinstance(handle, LegacyHandle):
+        raise InvalidInputError(
+            f"backend 'legacy' got a handle of type {type(handle).__name__}; pass the handle returned by this "
+            "backend's dispatch (handles of different backends are not interchangeable)")
+    return handle
+
+
+def deep_ep_version(deep_ep: Any) -> str:
+    version = getattr(deep_ep, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("deep_ep")
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+def cuda_problem() -> Optional[str]:
+    """``None`` when a CUDA device is visible, else the reason (shared wording of the DeepEP probes)."""
+    import torch
+
+    try:
+        if torch.cuda.is_available():
+            return None
+    except Exception as exc:  # noqa: BLE001 - a probe never raises
+        return f"no CUDA device (torch.cuda.is_available() raised {exc!r})"
+    return "no CUDA device (torch.cuda.is_available() is False): DeepEP kernels need an NVIDIA GPU"
+
+
+def _probe() -> Availability:
+    problems: list[str] = []
+    details: dict[str, str] = {}
+    try:
+        import deep_ep
+    except Exception as exc:  # noqa: BLE001 - ImportError or a broken extension
+        problems.append(f"deep_ep not importable: {exc} (install DeepEP, https://github.com/deepseek-ai/DeepEP)")
+    else:
+        details["deep_ep"] = deep_ep_version(deep_ep)
+        if not hasattr(deep_ep, "Buffer"):
+            problems.append("deep_ep has no Buffer class (this DeepEP build lacks the V1 API)")
+        try:
+            import_event_classes()
+        except ImportError as exc:
+            problems.append(str(exc))
+    cuda = cuda_problem()
+    if cuda:
+        problems.append(cuda)
+    else:
+        import torch
+
+        try:
+            major, minor = torch.cuda.get_device_capability()
+            details["compute_capability"] = f"{major}.{minor}"
+            if (major, minor) < (8, 0):
+                problems.append(f"GPU compute capability {major}.{minor} < 8.0: DeepEP V1 needs Ampere or newer")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"cannot read the GPU compute capability: {exc}")
+    if problems:
+        return Availability.no("; ".join(problems), **details)
+    return Availability.yes(f"deep_ep {details['deep_ep']}: V1 Buffer (NVLink intranode, NVSHMEM internode)",
+                            **details)
+
+
+@hookimpl
+def ep_register_backends():
+    return [
+        BackendSpec(
+            name="legacy",
+            aliases=("deepep", "deepep-v1", "v1"),
+            priority=200,
+            factory=DeepEPLegacyBackend,
+            probe=_probe,
+            capabilities=Capabilities(devices=("cuda",), fp8_dispatch=True, uneven_tokens=True, async_overlap=True,
+                                      deterministic_order=False, internode=True),
+            description="DeepEP V1 deep_ep.Buffer (what Megatron's fused_a2a calls)",
+        )
+    ]

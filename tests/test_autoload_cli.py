@@ -1,0 +1,101 @@
+"""Zero-code activation through the .pth file, its start-up cost, and the megatron-ep CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import timeit
+from pathlib import Path
+
+import pytest
+
+from megatron_ep_plugins.cli import main
+
+PTH = Path(sysconfig.get_paths()["purelib"]) / "megatron_ep_plugins.pth"
+
+
+def run_py(code: str, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MCORE_EP_")} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=180)
+
+
+def test_pth_is_installed_next_to_the_package():
+    assert PTH.is_file(), f"{PTH} missing: reinstall with pip install -e ."
+    assert "MCORE_EP_BACKEND" in PTH.read_text()
+
+
+def test_unset_variable_does_nothing_and_costs_microseconds(monkeypatch):
+    monkeypatch.delenv("MCORE_EP_BACKEND", raising=False)
+    line = PTH.read_text().strip()
+    code = compile(line, str(PTH), "exec")
+    per_call = min(timeit.repeat(lambda: exec(code, {}), number=200, repeat=5)) / 200
+    assert per_call < 0.002, f"the .pth line costs {per_call * 1e3:.3f} ms with MCORE_EP_BACKEND unset"
+    out = run_py("import sys; print(sorted(m for m in sys.modules if m.startswith(('megatron', 'pluggy'))))")
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_set_variable_arms_the_hook_without_importing_megatron():
+    out = run_py("import sys, megatron_ep_plugins.autoload as a; "
+                 "print(a.is_active(), any(m.startswith('megatron.') for m in sys.modules))",
+                 MCORE_EP_BACKEND="torch")
+    assert out.returncode == 0 and out.stdout.split() == ["True", "False"], out.stdout + out.stderr
+    out = run_py("import megatron_ep_plugins.autoload as a; print(a.is_active())", MCORE_EP_BACKEND=" OFF ")
+    assert out.stdout.split() == ["False"] or "No module" in out.stderr
+
+
+def test_importing_megatron_installs_the_backend():
+    code = ("from megatron.core.transformer.moe import token_dispatcher as td, fused_a2a as fa; "
+            "print(td.fused_dispatch.__megatron_ep_backend__, fa.HAVE_DEEP_EP)")
+    out = run_py(code, MCORE_EP_BACKEND="torch")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["torch", "True"]
+    assert "backend 'torch'" in out.stderr  # the explanation is logged at start-up
+
+
+def test_misconfigured_job_stops_at_import_with_the_reason():
+    out = run_py("import megatron.core.transformer.moe.token_dispatcher", MCORE_EP_BACKEND="elastik")
+    assert out.returncode != 0
+    assert "UnknownBackendError" in out.stderr and "unknown backend 'elastik'" in out.stderr and "torch" in out.stderr
+
+
+def test_cli_list_and_json(capsys):
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    assert "torch" in text and "available" in text and "plugins:" in text
+    assert main(["list", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    torch_row = next(b for b in data["backends"] if b["name"] == "torch")
+    assert torch_row["available"] is True and torch_row["provider"] == "torch" and torch_row["priority"] == 0
+    assert {p["name"] for p in data["plugins"]} >= {"torch", "legacy", "elastic", "hybridep"}
+
+
+def test_cli_explain(capsys, monkeypatch):
+    assert main(["explain", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["mode"] == "auto" and any(c["outcome"] == "chosen" for c in data["candidates"])
+    monkeypatch.setenv("MCORE_EP_BACKEND", "nope")
+    assert main(["explain"]) == 1
+    assert "unknown backend 'nope'" in capsys.readouterr().err
+    assert main(["explain", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["error"] == "UnknownBackendError"
+    assert main(["explain", "--backend", "reference"]) == 0
+    assert "backend 'torch'" in capsys.readouterr().out
+
+
+def test_cli_env_lists_every_variable(capsys, monkeypatch):
+    monkeypatch.setenv("MCORE_EP_FALLBACK", "torch")
+    assert main(["env", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["MCORE_EP_FALLBACK"]["value"] == "torch" and "MCORE_EP_BACKEND" in rows
+
+
+def test_console_script_and_usage_errors():
+    exe = Path(sys.executable).with_name("megatron-ep")
+    out = subprocess.run([str(exe), "list", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)["version"]
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
