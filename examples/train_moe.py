@@ -262,7 +262,12 @@ def train(args: argparse.Namespace) -> int:
             print(*a, flush=True)
 
     # The plugin system: select a backend and rebind Megatron's fused_dispatch/fused_combine slot.
-    inst = mep.install(args.backend)
+    # Rank 0 prints the explanation itself; keep the library's INFO log (the same text) quiet.
+    os.environ.setdefault("MCORE_EP_LOG", "warning")
+    if args.backend.strip().lower() in ("off", "none", "0", "false", "disabled"):
+        inst = None  # Megatron's own fused_a2a (real DeepEP) stays in place
+    else:
+        inst = mep.install(args.backend)
     if inst is None:
         say(f"megatron_ep_plugins: nothing installed (MCORE_EP_BACKEND=off); Megatron's own DeepEP slot is used")
         backend_name = "megatron-native"

@@ -77,7 +77,10 @@ def _gather_rows(group, tensors: list) -> list[list]:
     parts, specs = [], []
     for t in tensors:
         t = t.contiguous()
-        flat = t.reshape(n, -1)
+        width = 1
+        for d in t.shape[1:]:
+            width *= d
+        flat = t.reshape(n, width)
         if flat.dtype == torch.bool:
             flat = flat.to(torch.uint8)
         raw = flat.view(torch.uint8) if flat.shape[1] else flat.to(torch.uint8)
