@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .utils.event import EventHandle, EventOverlap, _PENDING, new_event
+from .utils.event import EventHandle, EventOverlap, _PENDING, consume, new_event
 
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
 _SUPPORTED_V1_RANKS = (2, 4, 8, 16, 24, 32, 64, 128, 144, 160)
@@ -102,11 +102,11 @@ def _gather_rows(group, tensors: list) -> list[list]:
         block = got[r][: sizes[r]]
         out, col = [], 0
         for dtype, shape, nbytes in specs:
-            raw = block[:, col:col + nbytes].contiguous()
+            raw = block[:, col:col + nbytes].reshape(-1).clone()  # fresh, aligned storage
             col += nbytes
             if dtype == torch.bool:
                 t = raw.bool()
-            elif nbytes:
+            elif nbytes and sizes[r]:
                 t = raw.view(dtype)
             else:
                 t = torch.empty(sizes[r], 0, dtype=dtype)
@@ -205,6 +205,7 @@ class _V1Handle:
 def _v1_stream_args(previous_event, async_finish, allocate_on_comm_stream):
     if previous_event is not None and not isinstance(previous_event, EventOverlap):
         raise TypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
+    consume(previous_event)
     if allocate_on_comm_stream:
         assert previous_event is not None and async_finish, (
             "allocate_on_comm_stream requires previous_event and async_finish")

@@ -39,3 +39,9 @@ def new_event(is_async: bool) -> EventOverlap:
     if is_async:
         _PENDING[id(event)] = event
     return event
+
+
+def consume(previous_event) -> None:
+    """A tracked event passed on as ``previous_event`` is waited on by the next kernel (as on the GPU)."""
+    if previous_event is not None:
+        _PENDING.pop(id(previous_event), None)
