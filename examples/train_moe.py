@@ -262,14 +262,12 @@ def train(args: argparse.Namespace) -> int:
             print(*a, flush=True)
 
     # The plugin system: select a backend and rebind Megatron's fused_dispatch/fused_combine slot.
-    # Rank 0 prints the explanation itself; keep the library's INFO log (the same text) quiet.
-    os.environ.setdefault("MCORE_EP_LOG", "warning")
     if args.backend.strip().lower() in ("off", "none", "0", "false", "disabled"):
         inst = None  # Megatron's own fused_a2a (real DeepEP) stays in place
     else:
         inst = mep.install(args.backend)
     if inst is None:
-        say(f"megatron_ep_plugins: nothing installed (MCORE_EP_BACKEND=off); Megatron's own DeepEP slot is used")
+        say("megatron_ep_plugins: nothing installed (backend off); Megatron's own DeepEP slot is used")
         backend_name = "megatron-native"
     else:
         backend_name = inst.name
@@ -313,7 +311,7 @@ def train(args: argparse.Namespace) -> int:
     slot = getattr(td.fused_dispatch, "__megatron_ep_backend__", None)
     say(f"token_dispatcher.fused_dispatch served by: {slot or 'Megatron original'}")
     first, last = losses[0], losses[-1]
-    fell = last < first * 0.9
+    fell = last < first * 0.95  # a clear fall, not noise
     say(f"first loss {first:.4f}  last loss {last:.4f}  ({'fell' if fell else 'DID NOT FALL'}) "
         f"in {seconds:.1f}s, {args.steps} steps, backend {backend_name}")
     if rank == 0 and args.json_out:
@@ -339,6 +337,10 @@ def train(args: argparse.Namespace) -> int:
 
 def _run_rank(args: argparse.Namespace) -> int:
     """Initialise the process group from the environment, train, shut down cleanly."""
+    # Rank 0 prints the backend explanation itself; keep the library's INFO log (the same text) quiet.
+    # Set before Megatron is imported, so a zero-code install (MCORE_EP_BACKEND + the .pth hook) and
+    # our install() see the same settings (and the second is a no-op).
+    os.environ.setdefault("MCORE_EP_LOG", "warning")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))

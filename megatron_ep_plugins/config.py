@@ -59,6 +59,9 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("MCORE_EP_ELASTIC_DETERMINISTIC", "0", "`1`: deterministic receive order (slower).", "elastic"),
         EnvVar("MCORE_EP_ELASTIC_HYBRID_MODE", "auto", "`allow_hybrid_mode`: `auto` (off when GPU-initiated "
                "networking is disabled via `EP_DISABLE_GIN=1`), `1` or `0`.", "elastic"),
+        EnvVar("MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH", "0", "`1`: agree on token count/shape/ids across ranks at every "
+               "dispatch (one small all_reduce + host sync) so the buffer can grow and bad ids fail on all ranks; "
+               "`0`: only at a group's first dispatch.", "elastic"),
         EnvVar("MCORE_EP_ELASTIC_FP8", "0", "`1`: build the buffer for FP8 dispatch input.", "elastic"),
         # HybridEP
         EnvVar("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", "", "HybridEP `max_num_of_tokens_per_rank`; unset: the "

@@ -193,6 +193,7 @@ def _elastic_buckets(rank, world):
     import deep_ep
     import torch.distributed as dist
 
+    os.environ["MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH"] = "1"
     backend = make_backend("elastic")
     group = dist.group.WORLD
     sizes = []
@@ -208,6 +209,42 @@ def _elastic_buckets(rank, world):
 def test_elastic_buckets_max_tokens_and_grows_together(deepep_emulator):
     deepep_emulator("v2")
     assert run_ranks(_elastic_buckets, 2) == [([256, 512, 512, 512], 2)] * 2
+
+
+def _elastic_steady_state(rank, world):
+    import deep_ep
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.errors import InvalidInputError
+
+    backend = make_backend("elastic")
+    group = dist.group.WORLD
+    calls = []
+    original = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    for tokens in (10 + rank, 200, 5):  # within the agreed bucket: no collective of the adapter's own
+        x = torch.randn(tokens, 8).to(torch.bfloat16)
+        res = backend.dispatch(x, torch.randint(0, 4, (tokens, 2)), torch.rand(tokens, 2), 4, group)
+        backend.combine(res.recv_x, res.handle, group)
+    try:
+        backend.dispatch(torch.randn(300, 8).to(torch.bfloat16), torch.randint(0, 4, (300, 2)),
+                         torch.rand(300, 2), 4, group)
+    except InvalidInputError as exc:
+        return len(calls), str(exc), deep_ep.ElasticBuffer.num_constructed
+    return len(calls), "no error", deep_ep.ElasticBuffer.num_constructed
+
+
+def test_elastic_steady_state_adds_no_collective_and_overflow_says_what_to_pin(deepep_emulator):
+    deepep_emulator("v2")
+    for calls, msg, built in run_ranks(_elastic_steady_state, 2):
+        assert calls == 1 and built == 1  # only the first dispatch agreed across ranks
+        assert "300 tokens exceed the num_max_tokens_per_rank=256" in msg
+        assert "MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK" in msg and "MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1" in msg
 
 
 def _elastic_pinned(rank, world, values, tokens):

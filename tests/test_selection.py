@@ -116,7 +116,7 @@ def test_auto_moves_past_a_backend_that_fails_to_initialise_and_says_so():
 def test_auto_with_nothing_available():
     add_backend("fast", available=False, reason="no GPU")
     with pytest.raises(NoBackendAvailableError, match="(?s)no usable backend.*fast.*no GPU.*torch.*blocked"):
-        choose({"MCORE_EP_PLUGINS_DISABLE": "torch"})
+        choose({"MCORE_EP_PLUGINS_DISABLE": "torch,allgather"})
 
 
 def test_naming_a_blocked_backend_says_it_is_blocked():

@@ -2,10 +2,13 @@
 
 Safeguards (see ``backend-contract.md``, DeepEP V2 section):
 
-* **One header collective per dispatch.** An ``all_reduce(MAX)`` of ``[T, H, K, -H, -K, bad_ids]`` (the
-  only host sync the adapter adds; V2 syncs for its receive counts anyway) gives every rank the same
-  largest token count and detects ranks disagreeing on hidden/top-k or passing out-of-range expert ids,
-  so every rank raises the same error instead of one raising and the others hanging.
+* **One header collective on a group's first dispatch** (on every dispatch with
+  ``MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1``). An ``all_reduce(MAX)`` of ``[T, H, K, -H, -K, bad_ids]``
+  gives every rank the same largest token count and detects ranks disagreeing on hidden/top-k or passing
+  out-of-range expert ids, so every rank raises the same error instead of one raising and the others
+  hanging. Afterwards the hot path adds no collective and no host sync: a token count above the agreed
+  bucket is a local error asking to pin ``MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK`` or to turn the per-dispatch
+  check on (which also lets all ranks grow the buffer together).
 * **``num_max_tokens_per_rank`` is identical on every rank and bucketed.** Pinned by
   ``MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK`` (checked once across ranks with an ``all_gather``; a mismatch is a
   :class:`~megatron_ep_plugins.errors.RankMismatchError` naming each rank's value), else the agreed largest
@@ -66,6 +69,7 @@ class ElasticSettings:
     deterministic: bool
     hybrid_mode: bool
     fp8: bool
+    check_each_dispatch: bool = False
 
 
 def read_settings(environ: Optional[Mapping[str, str]] = None) -> ElasticSettings:
@@ -89,6 +93,7 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> ElasticSetting
         deterministic=read_bool("MCORE_EP_ELASTIC_DETERMINISTIC", env),
         hybrid_mode=hybrid,
         fp8=read_bool("MCORE_EP_ELASTIC_FP8", env),
+        check_each_dispatch=read_bool("MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH", env),
     )
 
 
@@ -121,6 +126,7 @@ class DeepEPElasticBackend:
         self._buffer = None
         self._shape: Optional[tuple] = None  # (group, max_tokens, hidden, topk) of self._buffer
         self._pinned_checked: set[int] = set()
+        self._agreed: set[Any] = set()  # groups whose first dispatch agreed on T/H/K
 
     # -- EPBackend -----------------------------------------------------------------------------
     def set_num_sms(self, num_sms: int) -> None:
@@ -189,6 +195,26 @@ class DeepEPElasticBackend:
         self._shape = (group, need, want_hidden, want_topk)
         return self._buffer
 
+    def _agree(self, group, num_tokens, hidden, topk, topk_idx, num_experts, device) -> int:
+        """One all_reduce(MAX) of [T, H, K, -H, -K, bad_ids]: the group's largest T, and the same error everywhere."""
+        import torch
+        import torch.distributed as dist
+
+        bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any().to(torch.int64).reshape(1)
+        header = torch.cat([torch.tensor([num_tokens, hidden, topk, -hidden, -topk], dtype=torch.int64,
+                                         device=device), bad])
+        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
+        max_t, max_h, max_k, min_h, min_k, any_bad = header.tolist()
+        if any_bad:
+            raise InvalidInputError(f"backend 'elastic': expert ids out of range on some rank of the group: "
+                                    f"topk_idx must be in [0, {num_experts}) or -1 for a masked entry")
+        if max_h != -min_h or max_k != -min_k:
+            raise InvalidInputError(
+                f"ranks disagree on the dispatch input: hidden in [{-min_h}, {max_h}], topk in [{-min_k}, {max_k}]; "
+                "every rank must pass the same hidden size and top-k")
+        self._agreed.add(group)
+        return max_t
+
     # -- operations ----------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
@@ -206,18 +232,16 @@ class DeepEPElasticBackend:
         num_tokens, hidden = data.shape
         topk = topk_idx.shape[1]
         device = data.device
-        bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any().to(torch.int64).reshape(1)
-        header = torch.cat([torch.tensor([num_tokens, hidden, topk, -hidden, -topk], dtype=torch.int64,
-                                         device=device), bad])
-        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
-        max_t, max_h, max_k, min_h, min_k, any_bad = header.tolist()  # the one host sync the adapter adds
-        if any_bad:
-            raise InvalidInputError(f"backend 'elastic': expert ids out of range on some rank of the group: "
-                                    f"topk_idx must be in [0, {num_experts}) or -1 for a masked entry")
-        if max_h != -min_h or max_k != -min_k:
-            raise InvalidInputError(
-                f"ranks disagree on the dispatch input: hidden in [{-min_h}, {max_h}], topk in [{-min_k}, {max_k}]; "
-                "every rank must pass the same hidden size and top-k")
+        if self.settings.check_each_dispatch or group not in self._agreed:
+            max_t = self._agree(group, num_tokens, hidden, topk, topk_idx, num_experts, device)
+        else:  # steady state: no collective, no host sync; only a free local bound check
+            max_t = num_tokens
+            limit = self._shape[1] if self._shape is not None else 0
+            if num_tokens > limit:
+                raise InvalidInputError(
+                    f"backend 'elastic': {num_tokens} tokens exceed the num_max_tokens_per_rank={limit} agreed at the "
+                    "first dispatch. Pin MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK to the largest token count of the run, "
+                    "or set MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1 to let all ranks grow the buffer together")
         buffer = self._get_buffer(group, max_t, hidden, topk, device)
         previous = buffer.capture() if allocate_on_comm_stream else None
         recv_x, recv_idx, recv_w, raw, event = buffer.dispatch(
