@@ -1,0 +1,106 @@
+"""The DeepEP adapters inside a real megatron-core MoELayer (2 gloo ranks), on the CPU DeepEP emulator.
+
+Each adapter is installed in turn under the same layer, weights and inputs; forward output, input
+gradient, router gradient and expert gradients must match the `torch` reference backend (which
+test_megatron_e2e.py proves equal to a non-parallel computation). The emulator is a test double
+(tests/emulators/deep_ep) that enforces DeepEP's documented asserts, so argument mapping, handle
+caching, async flags and both backward paths go through Megatron's own calls on every commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from distributed import run_ranks
+from test_megatron_e2e import EXPERTS, HIDDEN, _moe_config, _setup_megatron
+
+EMULATORS = str(Path(__file__).resolve().parent / "emulators")
+BACKENDS = ("legacy", "elastic", "hybridep")
+
+
+def _enable_emulator(api: str) -> None:
+    """In a forked rank: make the emulator importable as ``deep_ep`` (no monkeypatch fixture here)."""
+    os.environ["DEEP_EP_EMULATOR_API"] = api
+    sys.path.insert(0, EMULATORS)
+    for name in [m for m in sys.modules if m == "deep_ep" or m.startswith("deep_ep.")]:
+        del sys.modules[name]
+    import deep_ep
+
+    assert deep_ep.IS_EMULATOR
+
+
+@contextlib.contextmanager
+def _gpu_probes_pass():
+    """Only while probing/creating: a CPU machine must look like an SM90 GPU with NCCL 2.30.
+    (Kept narrow: Megatron's torch.compile'd fusions break if torch.cuda claims a GPU for longer.)"""
+    import torch
+
+    saved = torch.cuda.is_available, torch.cuda.get_device_capability, torch.cuda.nccl.version
+    torch.cuda.is_available = lambda: True
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    torch.cuda.nccl.version = lambda: (2, 30, 7)
+    try:
+        yield
+    finally:
+        torch.cuda.is_available, torch.cuda.get_device_capability, torch.cuda.nccl.version = saved
+
+
+def _rank(rank, world, backends):
+    import torch
+
+    import megatron_ep_plugins as mep
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe import token_dispatcher as td
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    _enable_emulator("v2")  # the V2 package also carries the legacy Buffer and HybridEPBuffer
+    mep.install("torch")
+    overrides = _setup_megatron()
+    config = _moe_config(**overrides, params_dtype=torch.bfloat16, bf16=True)
+    mlp_spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False).submodules.mlp
+    submodules = getattr(mlp_spec, "submodules", None) or mlp_spec.keywords["submodules"]
+    layer = MoELayer(config, submodules)
+    gen = torch.Generator().manual_seed(300 + rank)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    seq, batch = 6 + rank, 2  # uneven token counts per rank
+    x0 = torch.randn(seq, batch, HIDDEN, generator=gen).to(torch.bfloat16)
+    g = torch.randn(seq, batch, HIDDEN, generator=gen).to(torch.bfloat16)
+
+    def run(name):
+        with _gpu_probes_pass():
+            inst = mep.install(name)
+        assert td.fused_dispatch.__megatron_ep_backend__ == inst.name == name
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        out, _ = layer(x)
+        (out.float() * g.float()).sum().backward()
+        grads = {n: p.grad.float().clone() for n, p in layer.named_parameters()}
+        return out.float().detach(), x.grad.float(), grads
+
+    ref_out, ref_dx, ref_grads = run("torch")
+    result = {}
+    for name in backends:
+        out, dx, grads = run(name)
+        rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()  # noqa: E731
+        result[name] = {"out": rel(out, ref_out), "dx": rel(dx, ref_dx),
+                        "grads": {n: rel(grads[n], ref_grads[n]) for n in ref_grads},
+                        "scale": ref_out.abs().max().item()}
+    ps.destroy_model_parallel()
+    return result
+
+
+def test_deepep_adapters_inside_megatron_moe_layer_match_the_reference():
+    results = run_ranks(_rank, 2, BACKENDS, timeout=170)
+    for rank, per_backend in enumerate(results):
+        for name in BACKENDS:
+            r = per_backend[name]
+            assert r["scale"] > 1e-2
+            # bf16 model: same routing and rows; only the fp32 sum order of combine may differ
+            assert r["out"] < 1e-2 and r["dx"] < 1e-2, (rank, name, r)
+            assert r["grads"] and max(r["grads"].values()) < 2e-2, (rank, name, r["grads"])
