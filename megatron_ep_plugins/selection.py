@@ -15,7 +15,7 @@ Rules (the README states the same):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .config import Settings, normalize_backend_request

@@ -388,7 +388,7 @@ def test_probes_with_v2_emulator(deepep_emulator, monkeypatch):
     with pytest.raises(ImportError):
         from deep_ep.utils import EventOverlap  # noqa: F401
     assert verdicts["legacy"].available
-    from megatron_ep_plugins.backends.deepep_legacy import import_event_classes
+    from megatron_ep_plugins.backends._deepep_common import import_event_classes
 
     assert import_event_classes()[0] is deep_ep.EventOverlap
 

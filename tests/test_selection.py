@@ -7,7 +7,7 @@ import pytest
 from megatron_ep_plugins import hookimpl
 from megatron_ep_plugins.api import explain
 from megatron_ep_plugins.config import load_settings
-from megatron_ep_plugins.errors import (BackendInitError, BackendUnavailableError, ConfigError,
+from megatron_ep_plugins.errors import (BackendUnavailableError, ConfigError,
                                         EPPluginError, NoBackendAvailableError, UnknownBackendError)
 from megatron_ep_plugins.manager import discover, register_plugin
 from megatron_ep_plugins.selection import select, select_and_create

@@ -41,6 +41,7 @@ from ..config import read_bool, read_int, read_str
 from ..errors import ConfigError, InvalidInputError, RankMismatchError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
+from ._deepep_common import check_dispatch_args, check_handle
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -221,7 +222,7 @@ class DeepEPElasticBackend:
         import torch
         import torch.distributed as dist
 
-        data, topk_idx, is_fp8 = _check_dispatch_args(x, topk_idx, topk_weights, num_experts,
+        data, topk_idx, is_fp8 = check_dispatch_args(self.name, x, topk_idx, topk_weights, num_experts,
                                                       dist.get_world_size(group))
         if is_fp8 != self.settings.fp8:
             raise InvalidInputError(
@@ -256,7 +257,7 @@ class DeepEPElasticBackend:
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
-        h = _check_handle(handle)
+        h = check_handle(handle, ElasticHandle, "elastic")
         data = x[0] if isinstance(x, tuple) else x
         if data.dim() != 2 or data.shape[0] != h.num_tokens:
             raise InvalidInputError(
@@ -277,7 +278,7 @@ class DeepEPElasticBackend:
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
         import torch
 
-        h = _check_handle(handle)
+        h = check_handle(handle, ElasticHandle, "elastic")
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != h.num_recv:
             raise InvalidInputError(
                 f"combine expects x of shape [{h.num_recv}, H] (one row per row dispatch delivered here, same "
@@ -297,52 +298,6 @@ class DeepEPElasticBackend:
         if async_finish:
             event.current_stream_wait()
         return combined, (combined_w if topk_weights is not None else None)
-
-
-def _check_handle(handle: Any) -> ElasticHandle:
-    if not isinstance(handle, ElasticHandle):
-        raise InvalidInputError(
-            f"backend 'elastic' got a handle of type {type(handle).__name__}; pass the handle returned by this "
-            "backend's dispatch (handles of different backends are not interchangeable)")
-    return handle
-
-
-def _check_dispatch_args(x, topk_idx, topk_weights, num_experts, world):
-    """Free metadata checks; returns ``(data, topk_idx as int64, is_fp8)``."""
-    import torch
-
-    is_fp8 = isinstance(x, tuple)
-    if is_fp8:
-        if len(x) != 2 or not all(isinstance(t, torch.Tensor) for t in x) or x[0].dim() != 2 \
-                or x[1].dim() != 2 or x[1].shape[0] != x[0].shape[0] or x[0].element_size() != 1 \
-                or x[1].dtype != torch.float32:
-            raise InvalidInputError("backend 'elastic': FP8 input must be ([T, H] float8_e4m3fn, [T, ceil(H/128)] "
-                                    "float32 scales)")
-        data = x[0]
-    else:
-        data = x
-        if not isinstance(data, torch.Tensor) or data.dim() != 2:
-            raise InvalidInputError(f"backend 'elastic': x must be a [num_tokens, hidden] tensor, got {type(x)}")
-        if data.dtype != torch.bfloat16:
-            raise InvalidInputError(f"backend 'elastic': DeepEP dispatches bf16 tokens (or an FP8 (e4m3, scales) "
-                                    f"pair), got {data.dtype}; cast x to torch.bfloat16 or use the 'torch' backend")
-    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.shape[0] != data.shape[0]:
-        raise InvalidInputError(f"backend 'elastic': topk_idx must be [num_tokens={data.shape[0]}, topk] int64, got "
-                                f"{getattr(topk_idx, 'shape', topk_idx)!r}")
-    if topk_idx.dtype not in (torch.int64, torch.int32):
-        raise InvalidInputError(f"backend 'elastic': topk_idx must be int64 (global expert ids, -1 = masked), got "
-                                f"{topk_idx.dtype}")
-    if not isinstance(topk_weights, torch.Tensor) or topk_weights.shape != topk_idx.shape:
-        raise InvalidInputError(f"backend 'elastic': topk_weights must have topk_idx's shape {tuple(topk_idx.shape)}")
-    if topk_weights.dtype != torch.float32:
-        raise InvalidInputError(f"backend 'elastic': topk_weights must be float32 (DeepEP only supports fp32 probs; "
-                                f"set moe_router_dtype='fp32'), got {topk_weights.dtype}")
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0:
-        raise InvalidInputError(f"backend 'elastic': num_experts must be a positive int, got {num_experts!r}")
-    if num_experts % world:
-        raise InvalidInputError(f"backend 'elastic': num_experts={num_experts} is not divisible by the group size "
-                                f"{world}; use a multiple of {world}")
-    return data, (topk_idx if topk_idx.dtype == torch.int64 else topk_idx.long()), is_fp8
 
 
 def _version_tuple(value: Any) -> tuple[int, ...]:

@@ -23,7 +23,6 @@ DeepEP V1 only has kernel configurations for some group sizes (2, 4, 8, 16, 24, 
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
@@ -31,30 +30,12 @@ from ..config import read_int
 from ..errors import ConfigError, InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
+from ._deepep_common import check_dispatch_args, check_handle, cuda_problem, deep_ep_version, import_event_classes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["DeepEPLegacyBackend", "LegacyHandle", "ep_register_backends"]
-
-_EVENT_MODULES = ("deep_ep.utils", "deep_ep.utils.event", "deep_ep")
-
-
-def import_event_classes() -> tuple[Any, Any]:
-    """``(EventOverlap, EventHandle)`` from the first module that has both (V1 and V2 layouts)."""
-    tried = []
-    for module_name in _EVENT_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            tried.append(f"{module_name}: {exc}")
-            continue
-        overlap, handle = getattr(module, "EventOverlap", None), getattr(module, "EventHandle", None)
-        if overlap is not None and handle is not None:
-            return overlap, handle
-        tried.append(f"{module_name}: no EventOverlap/EventHandle")
-    raise ImportError("deep_ep's EventOverlap/EventHandle not found (" + "; ".join(tried) + ")")
-
 
 @dataclass
 class LegacyHandle:
@@ -75,54 +56,6 @@ def _validate_num_sms(num_sms: Any, what: str, exc: type) -> int:
     if not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms <= 0 or num_sms % 2:
         raise exc(f"{what}={num_sms!r} is invalid: DeepEP V1 needs a positive even SM count (e.g. 20 or 24)")
     return num_sms
-
-
-def check_dispatch_args(backend: str, x, topk_idx, topk_weights, num_experts, world):
-    """Free metadata checks shared by the DeepEP adapters; returns ``(data, topk_idx as int64, is_fp8)``."""
-    import torch
-
-    is_fp8 = isinstance(x, tuple)
-    if is_fp8:
-        if len(x) != 2 or not all(isinstance(t, torch.Tensor) for t in x):
-            raise InvalidInputError(f"backend {backend!r}: FP8 input must be a (e4m3 tensor, fp32 scales) pair")
-        data, scales = x
-        if data.dim() != 2 or scales.dim() != 2 or scales.shape[0] != data.shape[0]:
-            raise InvalidInputError(
-                f"backend {backend!r}: FP8 input must be ([T, H] e4m3, [T, ceil(H/128)] fp32 scales), got "
-                f"{tuple(data.shape)} and {tuple(scales.shape)}")
-        if scales.dtype != torch.float32 or data.element_size() != 1:
-            raise InvalidInputError(
-                f"backend {backend!r}: FP8 input must be (float8_e4m3fn, float32 scales), got ({data.dtype}, "
-                f"{scales.dtype})")
-    else:
-        data = x
-        if not isinstance(data, torch.Tensor) or data.dim() != 2:
-            raise InvalidInputError(f"backend {backend!r}: x must be a [num_tokens, hidden] tensor, got {x!r:.80}")
-        if data.dtype != torch.bfloat16:
-            raise InvalidInputError(
-                f"backend {backend!r}: DeepEP dispatches bf16 tokens (or an FP8 (e4m3, scales) pair), got "
-                f"{data.dtype}; cast x to torch.bfloat16 or use the 'torch' backend")
-    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.shape[0] != data.shape[0]:
-        raise InvalidInputError(
-            f"backend {backend!r}: topk_idx must be [num_tokens={data.shape[0]}, topk] int64, got "
-            f"{getattr(topk_idx, 'shape', topk_idx)!r}")
-    if topk_idx.dtype not in (torch.int64, torch.int32):
-        raise InvalidInputError(f"backend {backend!r}: topk_idx must be int64 (global expert ids, -1 = masked), "
-                                f"got {topk_idx.dtype}")
-    if not isinstance(topk_weights, torch.Tensor) or topk_weights.shape != topk_idx.shape:
-        raise InvalidInputError(f"backend {backend!r}: topk_weights must have topk_idx's shape "
-                                f"{tuple(topk_idx.shape)}, got {getattr(topk_weights, 'shape', topk_weights)!r}")
-    if topk_weights.dtype != torch.float32:
-        raise InvalidInputError(f"backend {backend!r}: topk_weights must be float32 (DeepEP only supports fp32 "
-                                f"probs; set moe_router_dtype='fp32'), got {topk_weights.dtype}")
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0:
-        raise InvalidInputError(f"backend {backend!r}: num_experts must be a positive int, got {num_experts!r}")
-    if num_experts % world:
-        raise InvalidInputError(f"backend {backend!r}: num_experts={num_experts} is not divisible by the group "
-                                f"size {world}; use a multiple of {world}")
-    if topk_idx.dtype != torch.int64:
-        topk_idx = topk_idx.long()
-    return data, topk_idx, is_fp8
 
 
 class DeepEPLegacyBackend:
@@ -202,7 +135,7 @@ class DeepEPLegacyBackend:
         return DispatchResult(recv_x, recv_idx, recv_w, torch.tensor(counts, dtype=torch.int64), handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
-        h = _check_handle(handle)
+        h = check_handle(handle, LegacyHandle, "legacy")
         data = x[0] if isinstance(x, tuple) else x
         if data.dim() != 2 or data.shape[0] != h.num_tokens:
             raise InvalidInputError(
@@ -221,7 +154,7 @@ class DeepEPLegacyBackend:
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
         import torch
 
-        h = _check_handle(handle)
+        h = check_handle(handle, LegacyHandle, "legacy")
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != h.num_recv:
             raise InvalidInputError(
                 f"combine expects x of shape [{h.num_recv}, H] (one row per row dispatch delivered here, same "
@@ -242,38 +175,6 @@ class DeepEPLegacyBackend:
         if async_finish:
             after.current_stream_wait()
         return combined, (combined_w if topk_weights is not None else None)
-
-
-def _check_handle(handle: Any) -> LegacyHandle:
-    if not isinstance(handle, LegacyHandle):
-        raise InvalidInputError(
-            f"backend 'legacy' got a handle of type {type(handle).__name__}; pass the handle returned by this "
-            "backend's dispatch (handles of different backends are not interchangeable)")
-    return handle
-
-
-def deep_ep_version(deep_ep: Any) -> str:
-    version = getattr(deep_ep, "__version__", None)
-    if version:
-        return str(version)
-    try:
-        from importlib.metadata import version as dist_version
-
-        return dist_version("deep_ep")
-    except Exception:  # noqa: BLE001 - informational only
-        return "unknown"
-
-
-def cuda_problem() -> Optional[str]:
-    """``None`` when a CUDA device is visible, else the reason (shared wording of the DeepEP probes)."""
-    import torch
-
-    try:
-        if torch.cuda.is_available():
-            return None
-    except Exception as exc:  # noqa: BLE001 - a probe never raises
-        return f"no CUDA device (torch.cuda.is_available() raised {exc!r})"
-    return "no CUDA device (torch.cuda.is_available() is False): DeepEP kernels need an NVIDIA GPU"
 
 
 def _probe() -> Availability:

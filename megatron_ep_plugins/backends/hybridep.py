@@ -29,6 +29,7 @@ from ..config import read_int
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
+from ._deepep_common import check_dispatch_args, check_handle
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -161,7 +162,7 @@ class HybridEPBackend:
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
         import torch
 
-        h = _check_handle(handle)
+        h = check_handle(handle, HybridEPHandle, "hybridep")
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape != (h.num_tokens, h.hidden):
             raise InvalidInputError(f"dispatch with a cached handle expects x of shape [{h.num_tokens}, {h.hidden}], "
                                     f"got {tuple(getattr(x, 'shape', ()))}")
@@ -174,7 +175,7 @@ class HybridEPBackend:
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
         import torch
 
-        h = _check_handle(handle)
+        h = check_handle(handle, HybridEPHandle, "hybridep")
         num_recv = h.recv_topk_idx.shape[0]
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != num_recv:
             raise InvalidInputError(f"combine expects x of shape [{num_recv}, H] (one row per row dispatch delivered "
@@ -215,14 +216,6 @@ def _prob_offset(buffer, rank: int, local: int) -> int:
     return int(local_rank) * local
 
 
-def _check_handle(handle: Any) -> HybridEPHandle:
-    if not isinstance(handle, HybridEPHandle):
-        raise InvalidInputError(
-            f"backend 'hybridep' got a handle of type {type(handle).__name__}; pass the handle returned by this "
-            "backend's dispatch (handles of different backends are not interchangeable)")
-    return handle
-
-
 def _check_dtype(x) -> None:
     import torch
 
@@ -231,25 +224,9 @@ def _check_dtype(x) -> None:
 
 
 def _check_dispatch_args(x, topk_idx, topk_weights, num_experts, world) -> None:
-    import torch
-
-    if isinstance(x, tuple):
-        raise InvalidInputError("backend 'hybridep' does not support FP8 dispatch input; pass bf16 tokens or use "
-                                "the 'legacy'/'elastic' backend")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise InvalidInputError(f"backend 'hybridep': x must be a [num_tokens, hidden] tensor, got {type(x)}")
-    _check_dtype(x)
-    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
-        raise InvalidInputError(f"backend 'hybridep': topk_idx must be [num_tokens={x.shape[0]}, topk] int64")
-    if topk_idx.dtype not in (torch.int64, torch.int32):
-        raise InvalidInputError(f"backend 'hybridep': topk_idx must be int64, got {topk_idx.dtype}")
-    if not isinstance(topk_weights, torch.Tensor) or topk_weights.shape != topk_idx.shape \
-            or topk_weights.dtype != torch.float32:
-        raise InvalidInputError("backend 'hybridep': topk_weights must be float32 with topk_idx's shape")
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0 \
-            or num_experts % world or num_experts > _MAX_EXPERTS:
-        raise InvalidInputError(f"backend 'hybridep': num_experts={num_experts!r} must be a positive multiple of the "
-                                f"group size {world} and at most {_MAX_EXPERTS}")
+    check_dispatch_args("hybridep", x, topk_idx, topk_weights, num_experts, world, fp8=False)
+    if num_experts > _MAX_EXPERTS:
+        raise InvalidInputError(f"backend 'hybridep': num_experts={num_experts} is above its limit of {_MAX_EXPERTS}")
 
 
 def _probe() -> Availability:

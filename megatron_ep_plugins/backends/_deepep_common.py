@@ -1,0 +1,115 @@
+"""Helpers shared by the DeepEP adapters (argument checks, handle checks, event classes, probe facts).
+
+Not a backend and not a plugin: the ``legacy``, ``elastic`` and ``hybridep`` modules import it so they
+never import each other. Imports nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+from ..errors import InvalidInputError
+
+__all__ = ["check_dispatch_args", "check_handle", "cuda_problem", "deep_ep_version", "import_event_classes"]
+
+_EVENT_MODULES = ("deep_ep.utils", "deep_ep.utils.event", "deep_ep")
+
+
+def import_event_classes() -> tuple[Any, Any]:
+    """``(EventOverlap, EventHandle)`` from the first module that has both (V1 and V2 layouts)."""
+    tried = []
+    for module_name in _EVENT_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            tried.append(f"{module_name}: {exc}")
+            continue
+        overlap, handle = getattr(module, "EventOverlap", None), getattr(module, "EventHandle", None)
+        if overlap is not None and handle is not None:
+            return overlap, handle
+        tried.append(f"{module_name}: no EventOverlap/EventHandle")
+    raise ImportError("deep_ep's EventOverlap/EventHandle not found (" + "; ".join(tried) + ")")
+
+
+def check_dispatch_args(backend: str, x, topk_idx, topk_weights, num_experts, world, *, fp8: bool = True):
+    """Free metadata checks (no device sync); returns ``(data, topk_idx as int64, is_fp8)``."""
+    import torch
+
+    is_fp8 = isinstance(x, tuple)
+    if is_fp8 and not fp8:
+        raise InvalidInputError(f"backend {backend!r} does not support FP8 dispatch input; pass bf16 tokens or use "
+                                "the 'legacy'/'elastic' backend")
+    if is_fp8:
+        if len(x) != 2 or not all(isinstance(t, torch.Tensor) for t in x):
+            raise InvalidInputError(f"backend {backend!r}: FP8 input must be a (e4m3 tensor, fp32 scales) pair")
+        data, scales = x
+        if data.dim() != 2 or scales.dim() != 2 or scales.shape[0] != data.shape[0]:
+            raise InvalidInputError(
+                f"backend {backend!r}: FP8 input must be ([T, H] e4m3, [T, ceil(H/128)] fp32 scales), got "
+                f"{tuple(data.shape)} and {tuple(scales.shape)}")
+        if scales.dtype != torch.float32 or data.element_size() != 1:
+            raise InvalidInputError(
+                f"backend {backend!r}: FP8 input must be (float8_e4m3fn, float32 scales), got ({data.dtype}, "
+                f"{scales.dtype})")
+    else:
+        data = x
+        if not isinstance(data, torch.Tensor) or data.dim() != 2:
+            raise InvalidInputError(f"backend {backend!r}: x must be a [num_tokens, hidden] tensor, got {x!r:.80}")
+        if data.dtype != torch.bfloat16:
+            raise InvalidInputError(
+                f"backend {backend!r}: DeepEP dispatches bf16 tokens (or an FP8 (e4m3, scales) pair), got "
+                f"{data.dtype}; cast x to torch.bfloat16 or use the 'torch' backend")
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.shape[0] != data.shape[0]:
+        raise InvalidInputError(
+            f"backend {backend!r}: topk_idx must be [num_tokens={data.shape[0]}, topk] int64, got "
+            f"{getattr(topk_idx, 'shape', topk_idx)!r}")
+    if topk_idx.dtype not in (torch.int64, torch.int32):
+        raise InvalidInputError(f"backend {backend!r}: topk_idx must be int64 (global expert ids, -1 = masked), "
+                                f"got {topk_idx.dtype}")
+    if not isinstance(topk_weights, torch.Tensor) or topk_weights.shape != topk_idx.shape:
+        raise InvalidInputError(f"backend {backend!r}: topk_weights must have topk_idx's shape "
+                                f"{tuple(topk_idx.shape)}, got {getattr(topk_weights, 'shape', topk_weights)!r}")
+    if topk_weights.dtype != torch.float32:
+        raise InvalidInputError(f"backend {backend!r}: topk_weights must be float32 (DeepEP only supports fp32 "
+                                f"probs; set moe_router_dtype='fp32'), got {topk_weights.dtype}")
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0:
+        raise InvalidInputError(f"backend {backend!r}: num_experts must be a positive int, got {num_experts!r}")
+    if num_experts % world:
+        raise InvalidInputError(f"backend {backend!r}: num_experts={num_experts} is not divisible by the group "
+                                f"size {world}; use a multiple of {world}")
+    if topk_idx.dtype != torch.int64:
+        topk_idx = topk_idx.long()
+    return data, topk_idx, is_fp8
+
+
+def check_handle(handle: Any, cls: type, backend: str) -> Any:
+    if not isinstance(handle, cls):
+        raise InvalidInputError(
+            f"backend {backend!r} got a handle of type {type(handle).__name__}; pass the handle returned by this "
+            "backend's dispatch (handles of different backends are not interchangeable)")
+    return handle
+
+
+def deep_ep_version(deep_ep: Any) -> str:
+    version = getattr(deep_ep, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("deep_ep")
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+def cuda_problem() -> Optional[str]:
+    """``None`` when a CUDA device is visible, else the reason (shared wording of the DeepEP probes)."""
+    import torch
+
+    try:
+        if torch.cuda.is_available():
+            return None
+    except Exception as exc:  # noqa: BLE001 - a probe never raises
+        return f"no CUDA device (torch.cuda.is_available() raised {exc!r})"
+    return "no CUDA device (torch.cuda.is_available() is False): DeepEP kernels need an NVIDIA GPU"
