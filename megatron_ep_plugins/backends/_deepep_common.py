@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from ..errors import InvalidInputError
 
-__all__ = ["check_dispatch_args", "check_handle", "cuda_problem", "deep_ep_version", "import_event_classes"]
+__all__ = ["agree_on_inputs", "check_combine_args", "check_dispatch_args", "check_handle", "cuda_problem", "deep_ep_version", "import_event_classes"]
 
 _EVENT_MODULES = ("deep_ep.utils", "deep_ep.utils.event", "deep_ep")
 
@@ -113,3 +113,49 @@ def cuda_problem() -> Optional[str]:
     except Exception as exc:  # noqa: BLE001 - a probe never raises
         return f"no CUDA device (torch.cuda.is_available() raised {exc!r})"
     return "no CUDA device (torch.cuda.is_available() is False): DeepEP kernels need an NVIDIA GPU"
+
+
+def agree_on_inputs(backend: str, group, num_tokens: int, hidden: int, topk: int, topk_idx, num_experts: int,
+                    device) -> int:
+    """One ``all_reduce(MAX)`` of ``[T, H, K, -H, -K, bad_ids]``; returns the group's largest T.
+
+    Every rank learns the same facts, so a bad id or a hidden/top-k mismatch on one rank raises the same
+    error on all ranks instead of one raising and the others hanging in the next collective.
+    """
+    import torch
+    import torch.distributed as dist
+
+    bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any().to(torch.int64).reshape(1)
+    header = torch.cat([torch.tensor([num_tokens, hidden, topk, -hidden, -topk], dtype=torch.int64,
+                                     device=device), bad])
+    dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
+    max_t, max_h, max_k, min_h, min_k, any_bad = header.tolist()
+    if any_bad:
+        raise InvalidInputError(f"backend {backend!r}: expert ids out of range on some rank of the group: "
+                                f"topk_idx must be in [0, {num_experts}) or -1 for a masked entry")
+    if max_h != -min_h or max_k != -min_k:
+        raise InvalidInputError(
+            f"ranks disagree on the dispatch input: hidden in [{-min_h}, {max_h}], topk in [{-min_k}, {max_k}]; "
+            "every rank must pass the same hidden size and top-k")
+    return max_t
+
+
+def check_combine_args(backend: str, x, num_recv: int, recv_topk_idx, topk_weights):
+    """Free checks of a DeepEP combine; returns ``topk_weights`` masked to the entries this rank owns.
+
+    DeepEP sums every rank's weight entries, so entries whose expert lives elsewhere must be zero.
+    """
+    import torch
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != num_recv:
+        raise InvalidInputError(
+            f"combine expects x of shape [{num_recv}, H] (one row per row dispatch delivered here, same "
+            f"order), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype != torch.bfloat16:
+        raise InvalidInputError(f"backend {backend!r}: DeepEP combines bf16 rows, got {x.dtype}; cast to bf16")
+    if topk_weights is None:
+        return None
+    if topk_weights.shape != recv_topk_idx.shape:
+        raise InvalidInputError(f"combine's topk_weights must have shape {tuple(recv_topk_idx.shape)}, "
+                                f"got {tuple(topk_weights.shape)}")
+    return torch.where(recv_topk_idx >= 0, topk_weights.float(), 0.0)

@@ -41,7 +41,7 @@ from ..config import read_bool, read_int, read_str
 from ..errors import ConfigError, InvalidInputError, RankMismatchError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
-from ._deepep_common import check_dispatch_args, check_handle
+from ._deepep_common import agree_on_inputs, check_combine_args, check_dispatch_args, check_handle
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -197,22 +197,8 @@ class DeepEPElasticBackend:
         return self._buffer
 
     def _agree(self, group, num_tokens, hidden, topk, topk_idx, num_experts, device) -> int:
-        """One all_reduce(MAX) of [T, H, K, -H, -K, bad_ids]: the group's largest T, and the same error everywhere."""
-        import torch
-        import torch.distributed as dist
-
-        bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any().to(torch.int64).reshape(1)
-        header = torch.cat([torch.tensor([num_tokens, hidden, topk, -hidden, -topk], dtype=torch.int64,
-                                         device=device), bad])
-        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
-        max_t, max_h, max_k, min_h, min_k, any_bad = header.tolist()
-        if any_bad:
-            raise InvalidInputError(f"backend 'elastic': expert ids out of range on some rank of the group: "
-                                    f"topk_idx must be in [0, {num_experts}) or -1 for a masked entry")
-        if max_h != -min_h or max_k != -min_k:
-            raise InvalidInputError(
-                f"ranks disagree on the dispatch input: hidden in [{-min_h}, {max_h}], topk in [{-min_k}, {max_k}]; "
-                "every rank must pass the same hidden size and top-k")
+        """Agree on the group's largest T (and fail together on bad input); remember the group."""
+        max_t = agree_on_inputs(self.name, group, num_tokens, hidden, topk, topk_idx, num_experts, device)
         self._agreed.add(group)
         return max_t
 
@@ -276,20 +262,8 @@ class DeepEPElasticBackend:
         return recv_x
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
-        import torch
-
         h = check_handle(handle, ElasticHandle, "elastic")
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != h.num_recv:
-            raise InvalidInputError(
-                f"combine expects x of shape [{h.num_recv}, H] (one row per row dispatch delivered here, same "
-                f"order), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dtype != torch.bfloat16:
-            raise InvalidInputError(f"backend 'elastic': DeepEP combines bf16 rows, got {x.dtype}; cast to bf16")
-        if topk_weights is not None:
-            if topk_weights.shape != h.recv_topk_idx.shape:
-                raise InvalidInputError(f"combine's topk_weights must have shape {tuple(h.recv_topk_idx.shape)}, "
-                                        f"got {tuple(topk_weights.shape)}")
-            topk_weights = torch.where(h.recv_topk_idx >= 0, topk_weights.float(), 0.0)
+        topk_weights = check_combine_args(self.name, x, h.num_recv, h.recv_topk_idx, topk_weights)
         buffer = h.buffer
         previous = buffer.capture() if allocate_on_comm_stream else None
         combined, combined_w, event = buffer.combine(

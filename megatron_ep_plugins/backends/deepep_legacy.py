@@ -30,7 +30,7 @@ from ..config import read_int
 from ..errors import ConfigError, InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
-from ._deepep_common import check_dispatch_args, check_handle, cuda_problem, deep_ep_version, import_event_classes
+from ._deepep_common import check_combine_args, check_dispatch_args, check_handle, cuda_problem, deep_ep_version, import_event_classes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -152,21 +152,8 @@ class DeepEPLegacyBackend:
         return recv_x
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
-        import torch
-
         h = check_handle(handle, LegacyHandle, "legacy")
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != h.num_recv:
-            raise InvalidInputError(
-                f"combine expects x of shape [{h.num_recv}, H] (one row per row dispatch delivered here, same "
-                f"order), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dtype != torch.bfloat16:
-            raise InvalidInputError(f"backend 'legacy': DeepEP combines bf16 rows, got {x.dtype}; cast to bf16")
-        if topk_weights is not None:
-            if topk_weights.shape != h.recv_topk_idx.shape:
-                raise InvalidInputError(f"combine's topk_weights must have shape {tuple(h.recv_topk_idx.shape)}, "
-                                        f"got {tuple(topk_weights.shape)}")
-            # DeepEP sums every rank's entries; keep only those whose expert lives on this rank.
-            topk_weights = torch.where(h.recv_topk_idx >= 0, topk_weights.float(), 0.0)
+        topk_weights = check_combine_args(self.name, x, h.num_recv, h.recv_topk_idx, topk_weights)
         buffer = self._get_buffer(group, _hidden_bytes(x))
         previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
         combined, combined_w, after = buffer.combine(

@@ -29,7 +29,7 @@ from ..config import read_int
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
-from ._deepep_common import check_dispatch_args, check_handle
+from ._deepep_common import agree_on_inputs, check_dispatch_args, check_handle
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -116,18 +116,7 @@ class HybridEPBackend:
         topk = topk_idx.shape[1]
         local = num_experts // world
         device = x.device
-        bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any().to(torch.int64).reshape(1)
-        header = torch.cat([torch.tensor([num_tokens, hidden, topk, -hidden, -topk], dtype=torch.int64,
-                                         device=device), bad])
-        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=group)
-        max_t, max_h, max_k, min_h, min_k, any_bad = header.tolist()
-        if any_bad:
-            raise InvalidInputError(f"backend 'hybridep': expert ids out of range on some rank of the group: "
-                                    f"topk_idx must be in [0, {num_experts}) or -1 for a masked entry")
-        if max_h != -min_h or max_k != -min_k:
-            raise InvalidInputError(
-                f"ranks disagree on the dispatch input: hidden in [{-min_h}, {max_h}], topk in [{-min_k}, {max_k}]; "
-                "every rank must pass the same hidden size and top-k")
+        max_t = agree_on_inputs(self.name, group, num_tokens, hidden, topk, topk_idx, num_experts, device)
         id_cols = -(-topk // _ID_COL_ALIGN) * _ID_COL_ALIGN
         width = hidden + id_cols
         buffer = self._get_buffer(group, max_t, width, local)
