@@ -7,11 +7,12 @@ never import each other. Imports nothing heavy at module level.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import InvalidInputError
 
-__all__ = ["agree_on_inputs", "check_combine_args", "check_dispatch_args", "check_handle", "cuda_problem", "deep_ep_version", "import_event_classes"]
+__all__ = ["ProbeFacts", "probe_deep_ep", "agree_on_inputs", "check_combine_args", "check_dispatch_args", "check_handle", "cuda_problem", "deep_ep_version", "import_event_classes"]
 
 _EVENT_MODULES = ("deep_ep.utils", "deep_ep.utils.event", "deep_ep")
 
@@ -103,7 +104,53 @@ def deep_ep_version(deep_ep: Any) -> str:
         return "unknown"
 
 
-def cuda_problem() -> Optional[str]:
+@dataclass
+class ProbeFacts:
+    """What :func:`probe_deep_ep` found; a backend appends its own problems before deciding."""
+
+    deep_ep: Any  # the module, or None when it does not import
+    has_gpu: bool
+    problems: list[str] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)
+
+
+def probe_deep_ep(class_name: str, install_hint: str, missing_class: str, gpu_need: str,
+                  min_capability: tuple[int, int]) -> ProbeFacts:
+    """The common part of every DeepEP probe; never raises (every failure becomes a reason).
+
+    Imports ``deep_ep``, checks that ``class_name`` exists, that a CUDA device is visible and that its
+    compute capability is at least ``min_capability``.
+    """
+    facts = ProbeFacts(None, False)
+    try:
+        import deep_ep
+    except Exception as exc:  # noqa: BLE001 - ImportError or a broken extension
+        facts.problems.append(f"deep_ep not importable: {exc} ({install_hint})")
+    else:
+        facts.deep_ep = deep_ep
+        facts.details["deep_ep"] = deep_ep_version(deep_ep)
+        if not hasattr(deep_ep, class_name):
+            facts.problems.append(missing_class)
+    cuda = cuda_problem(gpu_need)
+    if cuda:
+        facts.problems.append(cuda)
+        return facts
+    facts.has_gpu = True
+    import torch
+
+    try:
+        major, minor = torch.cuda.get_device_capability()
+    except Exception as exc:  # noqa: BLE001
+        facts.problems.append(f"cannot read the GPU compute capability: {exc}")
+        return facts
+    facts.details["compute_capability"] = f"{major}.{minor}"
+    if (major, minor) < min_capability:
+        facts.problems.append(f"GPU compute capability {major}.{minor} < {min_capability[0]}.{min_capability[1]}: "
+                              f"{gpu_need}")
+    return facts
+
+
+def cuda_problem(gpu_need: str = "DeepEP kernels need an NVIDIA GPU") -> Optional[str]:
     """``None`` when a CUDA device is visible, else the reason (shared wording of the DeepEP probes)."""
     import torch
 
@@ -112,7 +159,7 @@ def cuda_problem() -> Optional[str]:
             return None
     except Exception as exc:  # noqa: BLE001 - a probe never raises
         return f"no CUDA device (torch.cuda.is_available() raised {exc!r})"
-    return "no CUDA device (torch.cuda.is_available() is False): DeepEP kernels need an NVIDIA GPU"
+    return f"no CUDA device (torch.cuda.is_available() is False): {gpu_need}"
 
 
 def agree_on_inputs(backend: str, group, num_tokens: int, hidden: int, topk: int, topk_idx, num_experts: int,

@@ -41,7 +41,7 @@ from ..config import read_bool, read_int, read_str
 from ..errors import ConfigError, InvalidInputError, RankMismatchError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
-from ._deepep_common import agree_on_inputs, check_combine_args, check_dispatch_args, check_handle
+from ._deepep_common import agree_on_inputs, check_combine_args, check_dispatch_args, check_handle, probe_deep_ep
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -285,36 +285,16 @@ def _version_tuple(value: Any) -> tuple[int, ...]:
 def _probe() -> Availability:
     import torch
 
-    problems: list[str] = []
-    details: dict[str, str] = {}
+    facts = probe_deep_ep("ElasticBuffer", "install DeepEP V2, https://github.com/deepseek-ai/DeepEP",
+                          "deep_ep has no ElasticBuffer: this DeepEP is V1-only; install DeepEP V2 (PR #605 or "
+                          "later) or use the 'legacy' backend", "DeepEP V2 needs an SM90+ GPU (Hopper or newer)",
+                          MIN_CAPABILITY)
+    problems, details = facts.problems, facts.details
     try:
         read_settings()
     except ConfigError as exc:
         problems.append(str(exc))
-    try:
-        import deep_ep
-    except Exception as exc:  # noqa: BLE001 - ImportError or a broken extension
-        problems.append(f"deep_ep not importable: {exc} (install DeepEP V2, https://github.com/deepseek-ai/DeepEP)")
-    else:
-        details["deep_ep"] = str(getattr(deep_ep, "__version__", "unknown"))
-        if not hasattr(deep_ep, "ElasticBuffer"):
-            problems.append("deep_ep has no ElasticBuffer: this DeepEP is V1-only; install DeepEP V2 (PR #605 "
-                            "or later) or use the 'legacy' backend")
-    try:
-        has_cuda = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        has_cuda = False
-    if not has_cuda:
-        problems.append("no CUDA device (torch.cuda.is_available() is False): DeepEP V2 needs an SM90+ GPU")
-    else:
-        try:
-            cap = tuple(torch.cuda.get_device_capability())
-            details["compute_capability"] = f"{cap[0]}.{cap[1]}"
-            if cap < MIN_CAPABILITY:
-                problems.append(f"GPU compute capability {cap[0]}.{cap[1]} < 9.0: DeepEP V2 needs Hopper (SM90) "
-                                "or newer")
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"cannot read the GPU compute capability: {exc}")
+    if facts.has_gpu:
         try:
             nccl = _version_tuple(torch.cuda.nccl.version())
             details["nccl"] = ".".join(map(str, nccl))

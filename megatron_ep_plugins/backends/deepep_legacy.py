@@ -30,7 +30,8 @@ from ..config import read_int
 from ..errors import ConfigError, InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
-from ._deepep_common import check_combine_args, check_dispatch_args, check_handle, cuda_problem, deep_ep_version, import_event_classes
+from ._deepep_common import (check_combine_args, check_dispatch_args, check_handle, import_event_classes,
+                             probe_deep_ep)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -165,33 +166,15 @@ class DeepEPLegacyBackend:
 
 
 def _probe() -> Availability:
-    problems: list[str] = []
-    details: dict[str, str] = {}
-    try:
-        import deep_ep
-    except Exception as exc:  # noqa: BLE001 - ImportError or a broken extension
-        problems.append(f"deep_ep not importable: {exc} (install DeepEP, https://github.com/deepseek-ai/DeepEP)")
-    else:
-        details["deep_ep"] = deep_ep_version(deep_ep)
-        if not hasattr(deep_ep, "Buffer"):
-            problems.append("deep_ep has no Buffer class (this DeepEP build lacks the V1 API)")
+    facts = probe_deep_ep("Buffer", "install DeepEP, https://github.com/deepseek-ai/DeepEP",
+                          "deep_ep has no Buffer class (this DeepEP build lacks the V1 API)",
+                          "DeepEP V1 needs an NVIDIA GPU, Ampere (SM80) or newer", (8, 0))
+    problems, details = facts.problems, facts.details
+    if facts.deep_ep is not None:
         try:
             import_event_classes()
         except ImportError as exc:
             problems.append(str(exc))
-    cuda = cuda_problem()
-    if cuda:
-        problems.append(cuda)
-    else:
-        import torch
-
-        try:
-            major, minor = torch.cuda.get_device_capability()
-            details["compute_capability"] = f"{major}.{minor}"
-            if (major, minor) < (8, 0):
-                problems.append(f"GPU compute capability {major}.{minor} < 8.0: DeepEP V1 needs Ampere or newer")
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"cannot read the GPU compute capability: {exc}")
     if problems:
         return Availability.no("; ".join(problems), **details)
     return Availability.yes(f"deep_ep {details['deep_ep']}: V1 Buffer (NVLink intranode, NVSHMEM internode)",

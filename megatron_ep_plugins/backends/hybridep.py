@@ -29,7 +29,7 @@ from ..config import read_int
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
-from ._deepep_common import agree_on_inputs, check_dispatch_args, check_handle
+from ._deepep_common import agree_on_inputs, check_dispatch_args, check_handle, probe_deep_ep
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -219,24 +219,10 @@ def _check_dispatch_args(x, topk_idx, topk_weights, num_experts, world) -> None:
 
 
 def _probe() -> Availability:
-    import torch
-
-    problems: list[str] = []
-    details: dict[str, str] = {}
-    try:
-        import deep_ep
-    except Exception as exc:  # noqa: BLE001
-        problems.append(f"deep_ep not importable: {exc} (HybridEP ships in DeepEP's 'hybrid-ep' branch, no wheel)")
-    else:
-        details["deep_ep"] = str(getattr(deep_ep, "__version__", "unknown"))
-        if not hasattr(deep_ep, "HybridEPBuffer"):
-            problems.append("deep_ep has no HybridEPBuffer: install DeepEP from its 'hybrid-ep' branch")
-    try:
-        has_cuda = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        has_cuda = False
-    if not has_cuda:
-        problems.append("no CUDA device (torch.cuda.is_available() is False): HybridEP needs an NVIDIA GPU")
+    facts = probe_deep_ep("HybridEPBuffer", "HybridEP ships in DeepEP's 'hybrid-ep' branch, no wheel",
+                          "deep_ep has no HybridEPBuffer: install DeepEP from its 'hybrid-ep' branch",
+                          "HybridEP needs an NVIDIA GPU", (8, 0))
+    problems, details = facts.problems, facts.details
     if problems:
         return Availability.no("; ".join(problems), **details)
     return Availability.yes(f"deep_ep {details['deep_ep']}: HybridEPBuffer (token-major adapter, padded to equal T)",
