@@ -77,6 +77,7 @@ class DeepEPLegacyBackend:
         self._env_num_sms = env_sms
         self.num_sms: Optional[int] = None
         self._buffer = None
+        self._sized_for: Optional[tuple] = None  # (group, hidden_bytes) the buffer was last checked for
         if env_sms is not None:
             self._Buffer.set_num_sms(env_sms)
             self.num_sms = env_sms
@@ -94,6 +95,8 @@ class DeepEPLegacyBackend:
         return {"algorithm": "deep_ep.Buffer", "num_sms": self.num_sms}
 
     def _get_buffer(self, group, hidden_bytes: int):
+        if self._buffer is not None and self._sized_for == (group, hidden_bytes):
+            return self._buffer  # steady state: no size-hint arithmetic per call
         size = group.size()
         try:
             configs = (self._Buffer.get_dispatch_config(size), self._Buffer.get_combine_config(size))
@@ -107,6 +110,7 @@ class DeepEPLegacyBackend:
         if buf is None or buf.group is not group or buf.num_nvl_bytes < num_nvl or buf.num_rdma_bytes < num_rdma:
             # NOTES (DeepEP): the network's adaptive routing must be off for internode.
             self._buffer = buf = self._Buffer(group, num_nvl, num_rdma)
+        self._sized_for = (group, hidden_bytes)
         return buf
 
     def _events(self, async_finish: bool, allocate_on_comm_stream: bool):
