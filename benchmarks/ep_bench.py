@@ -498,7 +498,7 @@ def bench_backend(cand, ref, blocks, inputs, args, rank, world, group):
         # conformance: forward (+ gradients for bf16) through the autograd slot
         got = forward_backward(slot, x_in, idx, probs, grad_out, E, group, rank, with_grad=not args.fp8)
         checks = compare(ref, got, blocks)
-        ok = torch.tensor([int(all(c["ok"] for c in checks.values()))])
+        ok = torch.tensor([int(all(c["ok"] for c in checks.values()))], device=args.device)  # NCCL: on the GPU
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
         res["conformance"] = {"passed": bool(ok.item()), "checks": checks}
         # timing through the plugin
@@ -523,7 +523,8 @@ def bandwidth(res, args, world, group):
 
     rows = res.get("recv_rows", 0)
     disp_elem = (1 + 4 / 128) if args.fp8 else 2  # e4m3 + one fp32 scale per 128 values
-    nbytes = torch.tensor([rows * args.hidden * disp_elem, rows * args.hidden * 2], dtype=torch.float64)
+    nbytes = torch.tensor([rows * args.hidden * disp_elem, rows * args.hidden * 2], dtype=torch.float64,
+                          device=args.device)
     dist.all_reduce(nbytes, group=group)
     nbytes = (nbytes / world).tolist()
     for path in ("plugin", "direct"):

@@ -22,14 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, queue, args, env):
+def _worker(fn, rank, world_size, port, queue, args, env, backend):
     os.environ.update(env or {})
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
         result = fn(rank, world_size, *args)
         queue.put((rank, True, pickle.dumps(result)))  # plain pickle: no shared-memory handles
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -40,16 +44,20 @@ def _worker(fn, rank, world_size, port, queue, args, env):
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0,
-              env: dict[str, str] | None = None) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
+              env: dict[str, str] | None = None, backend: str = "gloo") -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return results by rank.
+
+    ``backend="gloo"``: forked CPU ranks. ``backend="nccl"``: spawned ranks, rank r on GPU r (spawn,
+    because CUDA cannot be used in a forked child).
 
     Any rank raising fails with every rank's traceback; a rank silent for ``timeout`` seconds fails
     with "hung". ``fn`` and its results must be picklable.
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn" if backend == "nccl" else "fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, env), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, env, backend),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ SCENARIOS = {
 def make_inputs(name: str, rank: int, world: int):
     count, hidden, topk, per_rank = SCENARIOS[name]
     num_experts = per_rank * world
-    gen = torch.Generator().manual_seed(hash((name, rank, world)) % (2**31))
+    # crc32, not hash(): str hashes differ between processes (spawned NCCL ranks vs the oracle's process)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{rank}/{world}".encode()))
     tokens = count(rank)
     x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
     scores = torch.rand(tokens, num_experts, generator=gen)
@@ -36,7 +39,11 @@ def make_inputs(name: str, rank: int, world: int):
     return x, idx, w, num_experts
 
 
-def _rank_dispatch_combine(rank, world, names):
+def _cpu(obj):
+    return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in obj.items()}
+
+
+def _rank_dispatch_combine(rank, world, names, device="cpu"):
     import torch.distributed as dist
 
     from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
@@ -44,23 +51,29 @@ def _rank_dispatch_combine(rank, world, names):
     backend = TorchA2ABackend()
     out = {}
     for name in names:
-        x, idx, w, num_experts = make_inputs(name, rank, world)
+        x, idx, w, num_experts = (t.to(device) if isinstance(t, torch.Tensor) else t
+                                  for t in make_inputs(name, rank, world))
         res = backend.dispatch(x, idx, w, num_experts, dist.group.WORLD, async_finish=True, allocate_on_comm_stream=True)
         y = (res.recv_x.float() * 2 + 1).to(torch.bfloat16)
         combined, none = backend.combine(y, res.handle, dist.group.WORLD)
-        grad_w_in = torch.arange(res.recv_topk_weights.numel(), dtype=torch.float32).view_as(res.recv_topk_weights)
+        grad_w_in = torch.arange(res.recv_topk_weights.numel(), dtype=torch.float32,
+                                 device=device).view_as(res.recv_topk_weights)
         _, back_w = backend.combine(y, res.handle, dist.group.WORLD, topk_weights=grad_w_in)
         cached = backend.dispatch_cached(x.float() * 3, res.handle, dist.group.WORLD)
-        out[name] = dict(recv_x=res.recv_x, recv_idx=res.recv_topk_idx, recv_w=res.recv_topk_weights,
-                         tpe=res.tokens_per_expert, tpe_device=str(res.tokens_per_expert.device),
-                         combined=combined, none=none, back_w=back_w, grad_w_in=grad_w_in, cached=cached)
+        out[name] = _cpu(dict(recv_x=res.recv_x, recv_idx=res.recv_topk_idx, recv_w=res.recv_topk_weights,
+                              tpe=res.tokens_per_expert, tpe_device=str(res.tokens_per_expert.device),
+                              combined=combined, none=none, back_w=back_w, grad_w_in=grad_w_in, cached=cached))
     return out
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_dispatch_combine_match_oracle(world):
+    check_against_oracle(run_ranks(_rank_dispatch_combine, world, list(SCENARIOS)), world)
+
+
+def check_against_oracle(results, world):
+    """Every rank's dispatch/combine/cached results (moved to the CPU) against the single-process oracle."""
     names = list(SCENARIOS)
-    results = run_ranks(_rank_dispatch_combine, world, names)
     for name in names:
         inputs = [make_inputs(name, r, world) for r in range(world)]
         xs, idxs, ws = [i[0] for i in inputs], [i[1] for i in inputs], [i[2] for i in inputs]
@@ -101,7 +114,7 @@ def test_dispatch_combine_match_oracle(world):
                 assert torch.equal(got, torch.stack(want).to(got.dtype))
 
 
-def _rank_round_trip(rank, world):
+def _rank_round_trip(rank, world, device="cpu"):
     import torch.distributed as dist
 
     from megatron_ep_plugins.autograd import build_slot
@@ -110,21 +123,25 @@ def _rank_round_trip(rank, world):
     slot = build_slot(TorchA2ABackend())
     gen = torch.Generator().manual_seed(100 + rank)
     tokens, hidden, topk, num_experts = 13 + rank, 6, 2, 2 * world
-    x = torch.randn(tokens, hidden, generator=gen, requires_grad=True)
-    idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices
-    probs = torch.full((tokens, topk), 1.0 / topk, requires_grad=True)
+    x = torch.randn(tokens, hidden, generator=gen).to(device).requires_grad_()
+    idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices.to(device)
+    probs = torch.full((tokens, topk), 1.0 / topk, device=device, requires_grad=True)
     recv_x, recv_idx, recv_probs, tpe, handle = slot.fused_dispatch(x, idx, probs, num_experts, dist.group.WORLD)
     # identity experts weighted by the probs that reached this rank (Megatron's dropless check)
     weight = torch.where(recv_idx >= 0, recv_probs, torch.zeros_like(recv_probs)).sum(1, keepdim=True)
     out, _ = slot.fused_combine(recv_x * weight, dist.group.WORLD, handle)
-    grad = torch.randn(tokens, hidden, generator=gen)
+    grad = torch.randn(tokens, hidden, generator=gen).to(device)
     (out * grad).sum().backward()
-    return x.detach(), out.detach(), grad, x.grad, probs.grad
+    return tuple(t.cpu() for t in (x.detach(), out.detach(), grad, x.grad, probs.grad))
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_autograd_dropless_round_trip(world):
-    for x, out, grad, x_grad, probs_grad in run_ranks(_rank_round_trip, world):
+    check_round_trip(run_ranks(_rank_round_trip, world))
+
+
+def check_round_trip(results):
+    for x, out, grad, x_grad, probs_grad in results:
         torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
         torch.testing.assert_close(x_grad, grad, rtol=0, atol=1e-6)
         want = (x * grad).sum(1, keepdim=True).expand_as(probs_grad)

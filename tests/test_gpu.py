@@ -1,0 +1,76 @@
+"""GPU checks: one rank per visible GPU, NCCL. Skipped on machines without CUDA (CI is CPU-only).
+
+Run on a GPU machine with ``python -m pytest tests/test_gpu.py -v``. Covers the reference backend
+over NCCL against the single-process oracle, its autograd round trip, the installed Megatron slot
+with the rank-agreement check over NCCL, and - when real DeepEP is importable and there are at
+least 2 GPUs - the DeepEP adapters against the reference on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from test_deepep_backends import SCENARIOS as DEEPEP_SCENARIOS
+from test_deepep_backends import _compare
+from test_torch_backend import (SCENARIOS, _rank_dispatch_combine, _rank_round_trip, check_against_oracle,
+                                check_round_trip)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs (CI is CPU-only)")
+
+GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def world() -> int:
+    return torch.cuda.device_count()
+
+
+def test_torch_backend_over_nccl_matches_oracle():
+    n = world()
+    results = run_ranks(_rank_dispatch_combine, n, list(SCENARIOS), "cuda", backend="nccl", env=GPU_ENV)
+    check_against_oracle(results, n)
+
+
+def test_torch_backend_round_trip_over_nccl():
+    check_round_trip(run_ranks(_rank_round_trip, world(), "cuda", backend="nccl", env=GPU_ENV))
+
+
+def _rank_installed_slot(rank, world):
+    import torch.distributed as dist
+
+    import megatron_ep_plugins as mep
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    inst = mep.install("torch")
+    x = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randint(0, 2 * world, (8, 2), device="cuda")
+    out = td.fused_dispatch(x, idx, torch.rand(8, 2, device="cuda"), 2 * world, dist.group.WORLD,
+                            async_finish=True, allocate_on_comm_stream=True)
+    combined, _ = td.fused_combine(out[0], dist.group.WORLD, out[4], async_finish=True, allocate_on_comm_stream=True)
+    torch.cuda.synchronize()
+    sent_to = torch.zeros(8, device="cuda")
+    for t in range(8):
+        sent_to[t] = len({int(e) // 2 for e in idx[t]})
+    return inst.name, bool(torch.allclose(combined.float(), x.float() * sent_to[:, None], rtol=1e-2, atol=1e-2))
+
+
+def test_installed_megatron_slot_over_nccl_with_rank_agreement():
+    for name, ok in run_ranks(_rank_installed_slot, world(), backend="nccl", env=GPU_ENV):
+        assert name == "torch" and ok
+
+
+@pytest.mark.parametrize("backend_name", ["legacy", "elastic"])
+def test_real_deepep_matches_reference(backend_name):
+    from megatron_ep_plugins.api import list_backends
+
+    n = world()
+    if n < 2:
+        pytest.skip("DeepEP needs an expert-parallel group of at least 2 GPUs")
+    verdict = {c.spec.name: c.availability for c in list_backends()[1]}[backend_name]
+    if not verdict:
+        pytest.skip(f"{backend_name} unavailable: {verdict.reason}")
+    env = GPU_ENV | ({"EP_DISABLE_GIN": "1", "MCORE_EP_ELASTIC_HYBRID_MODE": "0"} if backend_name == "elastic" else {})
+    counts = run_ranks(_compare, n, backend_name, list(DEEPEP_SCENARIOS), [(False, False), (True, True)], "cuda",
+                       backend="nccl", env=env, timeout=600)
+    assert counts == [len(DEEPEP_SCENARIOS) * 2] * n
