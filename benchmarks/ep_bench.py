@@ -58,9 +58,17 @@ def parse_args(argv=None):
                     help="auto: cuda when available, else cpu (gloo)")
     ap.add_argument("--fp8", action="store_true",
                     help="FP8 dispatch input (e4m3 + fp32 scales per 128 columns) for backends that support it")
-    for name in ("tokens", "hidden", "topk", "experts", "iters", "warmup"):
+    ap.add_argument("--tokens", default=None,
+                    help=f"tokens per rank, or a comma-separated list for a token sweep in one run (e.g. "
+                         f"128,256,512); default {GPU_DEFAULTS['tokens']} on cuda, {CPU_DEFAULTS['tokens']} on cpu")
+    for name in ("hidden", "topk", "experts", "iters", "warmup"):
         ap.add_argument(f"--{name}", type=int, default=None,
                         help=f"default {GPU_DEFAULTS[name]} on cuda, {CPU_DEFAULTS[name]} on cpu")
+    ap.add_argument("--name", default="ep_bench",
+                    help="basename of the output files (OUT/NAME.json, .md, .png); default ep_bench")
+    ap.add_argument("--megatron", choices=("auto", "on", "off"), default="auto",
+                    help="also time Megatron-Core's own fused_a2a path (FusedDispatch/FusedCombine over its own "
+                         "DeepEP V1 Buffer) for legacy (auto: on cuda only)")
     ap.add_argument("--num-sms", type=int, default=20,
                     help="SMs for DeepEP kernels, as Megatron's moe_flex_dispatcher_num_sms (default 20)")
     ap.add_argument("--direct", choices=("auto", "on", "off"), default="auto",
@@ -81,8 +89,13 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.hidden < ID_COLS:
         ap.error(f"--hidden must be >= {ID_COLS} (the source token id is encoded in the first columns)")
-    if args.tokens >= 16 ** 4:
-        ap.error("--tokens must be < 65536")
+    try:
+        args.token_list = [int(t) for t in str(args.tokens).split(",") if t.strip()]
+    except ValueError:
+        ap.error(f"--tokens must be an int or a comma-separated list of ints, got {args.tokens!r}")
+    if not args.token_list or any(t < 0 or t >= 16 ** 4 for t in args.token_list):
+        ap.error("--tokens must be in [0, 65536)")
+    args.tokens = args.token_list[0]
     if not 1 <= args.topk <= args.experts:
         ap.error("--topk must be in [1, --experts]")
     if args.fp8 and args.hidden % 128:
@@ -343,13 +356,23 @@ def timing_plugin(slot, x_in, idx, probs, E, group, rank, args):
     return td, tc, first[0]
 
 
+def plugin_buffer(backend, group):
+    """The DeepEP buffer the plugin's adapter built for ``group`` (so direct calls use the same buffer)."""
+    getter = getattr(backend, "buffer_for", None)
+    buf = getter(group) if getter is not None else None
+    if buf is None:
+        buffers = getattr(backend, "_buffers", None)
+        buf = buffers.get(group) if isinstance(buffers, dict) else getattr(backend, "_buffer", None)
+    if buf is None:
+        raise RuntimeError(f"backend {backend.name!r} has no buffer for this group yet (plugin dispatch must run first)")
+    return buf
+
+
 def timing_direct_legacy(backend, x_in, idx, probs, E, group, rank, args):
     """deep_ep.Buffer called as Megatron's fused_a2a.py does: layout + dispatch, then combine."""
     import torch
 
-    buf = backend._buffer  # the plugin's own buffer: same size, same channels
-    if buf is None:
-        raise RuntimeError("legacy backend has no buffer yet (plugin dispatch must run first)")
+    buf = plugin_buffer(backend, group)  # the plugin's own buffer: same size, same channels
     backend._Buffer.set_num_sms(args.num_sms)
     with torch.no_grad():
         def d():
@@ -375,9 +398,7 @@ def timing_direct_elastic(backend, x_in, idx, probs, E, group, rank, args):
     """deep_ep.ElasticBuffer called as DeepEP's V2 tests do: dispatch(do_expand=False) + combine."""
     import torch
 
-    buf = backend._buffer  # the plugin's own buffer: same num_max_tokens_per_rank, same kernels
-    if buf is None:
-        raise RuntimeError("elastic backend has no buffer yet (plugin dispatch must run first)")
+    buf = plugin_buffer(backend, group)  # the plugin's own buffer: same num_max_tokens_per_rank, same kernels
     num_sms = backend.num_sms or 0
     with torch.no_grad():
         def d():
@@ -394,7 +415,144 @@ def timing_direct_elastic(backend, x_in, idx, probs, E, group, rank, args):
         return time_pair(d, c, args.iters, args.warmup, args.device, group)
 
 
-DIRECT = {"legacy": timing_direct_legacy, "elastic": timing_direct_elastic}
+def _dedup_rows(x_in, idx, E, group):
+    """What any token-major backend must move: each token once per destination rank (destination-major)."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    local = E // world
+    dest = torch.where(idx >= 0, idx // local, world)
+    in_rank = torch.zeros(idx.shape[0], world + 1, dtype=torch.bool, device=idx.device)
+    in_rank.scatter_(1, dest, True)
+    in_rank = in_rank[:, :world]
+    token_ids = in_rank.t().nonzero()[:, 1]
+    send_counts = in_rank.sum(0).to(torch.int64)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    return x_in[token_ids].contiguous(), send_counts, recv_counts
+
+
+def timing_direct_torch(backend, x_in, idx, probs, E, group, rank, args):
+    """The floor for the ``torch`` backend: ``all_to_all_single`` of the same deduplicated rows, both ways,
+    split sizes known (no count exchange, no index building, preallocated outputs)."""
+    import torch
+    import torch.distributed as dist
+
+    send, send_counts, recv_counts = _dedup_rows(x_in, idx, E, group)
+    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+    recv = send.new_empty(sum(recv_splits), send.shape[1])
+    back = torch.empty_like(send)
+    with torch.no_grad():
+        def d():
+            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+
+        def c(_):
+            dist.all_to_all_single(back, recv, send_splits, recv_splits, group=group)
+
+        return time_pair(d, c, args.iters, args.warmup, args.device, group)
+
+
+def timing_direct_torch_counts(backend, x_in, idx, probs, E, group, rank, args):
+    """As :func:`timing_direct_torch`, plus what split sizes cost: the count exchange and its host sync per
+    dispatch (the count tensor is precomputed; only the exchange and ``.tolist()`` are timed)."""
+    import torch
+    import torch.distributed as dist
+
+    send, send_counts, _ = _dedup_rows(x_in, idx, E, group)
+    send_splits = send_counts.tolist()
+    got = torch.empty_like(send_counts)
+    state = {}
+    with torch.no_grad():
+        def d():
+            dist.all_to_all_single(got, send_counts, group=group)
+            recv_splits = got.tolist()  # the host sync
+            recv = send.new_empty(sum(recv_splits), send.shape[1])
+            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+            state["recv"], state["recv_splits"] = recv, recv_splits
+
+        def c(_):
+            back = torch.empty_like(send)
+            dist.all_to_all_single(back, state["recv"], send_splits, state["recv_splits"], group=group)
+
+        return time_pair(d, c, args.iters, args.warmup, args.device, group)
+
+
+def timing_direct_hybridep(backend, x_in, idx, probs, E, group, rank, args):
+    """deep_ep.HybridEPBuffer called directly (routing-map form, as Megatron's non-permute HybridEP use):
+    its own buffer for the raw hidden size, equal T on every rank (the bench gives every rank the same T)."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    T, H = x_in.shape
+    align = 64
+    buf = backend._HybridEPBuffer(group=group, hidden_dim=H, max_num_of_tokens_per_rank=max(align, -(-T // align) * align),
+                                  num_local_experts=E // world, use_fp8=False)
+    valid = idx >= 0
+    safe = idx.clamp(min=0)
+    routing_map = torch.zeros(T, E, dtype=torch.int32, device=idx.device).scatter_add_(
+        1, safe, valid.to(torch.int32)) > 0
+    dense = torch.zeros(T, E, dtype=torch.float32, device=idx.device).scatter_add_(
+        1, safe, torch.where(valid, probs, 0.0))
+    with torch.no_grad():
+        def d():
+            return buf.dispatch(hidden=x_in, routing_map=routing_map, probs=dense, num_of_experts=E)[3]
+
+        recv = buf.dispatch(hidden=x_in, routing_map=routing_map, probs=dense, num_of_experts=E)[0]
+        y = expert_output(recv, rank)
+
+        def c(handle):
+            return buf.combine(hidden=y, handle=handle)
+
+        return time_pair(d, c, args.iters, args.warmup, args.device, group)
+
+
+def timing_megatron_legacy(backend, x_in, idx, probs, E, group, rank, args):
+    """Megatron-Core's own path: ``fused_a2a.FusedDispatch``/``FusedCombine`` (the autograd Functions its
+    ``fused_dispatch``/``fused_combine`` call, over its own ``get_buffer`` DeepEP V1 Buffer), exactly what a
+    job runs without this plugin. With DeepEP 2.x, stock Megatron 0.19 reports ``HAVE_DEEP_EP=False`` (it
+    imports ``EventOverlap`` from ``deep_ep.utils``); the missing names are filled in for the measurement
+    only and restored afterwards."""
+    import deep_ep
+    import torch
+    from megatron.core.transformer.moe import fused_a2a as fa
+
+    from megatron_ep_plugins.backends._deepep_common import import_event_classes
+
+    names = ("Buffer", "EventOverlap", "EventHandle", "_buffer")
+    saved = {n: getattr(fa, n, None) for n in names}
+    have = bool(getattr(fa, "HAVE_DEEP_EP", False))
+    try:
+        if not have:
+            fa.Buffer = deep_ep.Buffer
+            fa.EventOverlap, fa.EventHandle = import_event_classes()
+        fa.Buffer.set_num_sms(args.num_sms)
+        with torch.no_grad():
+            def d():
+                return fa.FusedDispatch.apply(x_in.contiguous(), idx, probs, E, group, False, False)[4]
+
+            recv_x = fa.FusedDispatch.apply(x_in.contiguous(), idx, probs, E, group, False, False)[0]
+            y = expert_output(recv_x, rank)
+
+            def c(handle):
+                return fa.FusedCombine.apply(y, group, handle, False, False)
+
+            td, tc = time_pair(d, c, args.iters, args.warmup, args.device, group)
+    finally:
+        for n, v in saved.items():
+            if v is None and n != "_buffer":
+                if hasattr(fa, n) and not have:
+                    delattr(fa, n)
+            else:
+                setattr(fa, n, v)
+    return td, tc, have
+
+
+DIRECT = {"legacy": timing_direct_legacy, "elastic": timing_direct_elastic, "torch": timing_direct_torch,
+          "hybridep": timing_direct_hybridep}
+EXTRA_DIRECT = {"torch": ("direct_counts", timing_direct_torch_counts)}
+MEGATRON = {"legacy": timing_megatron_legacy}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,7 +578,7 @@ def versions(device):
     try:
         import deep_ep
 
-        from megatron_ep_plugins.backends.deepep_legacy import deep_ep_version
+        from megatron_ep_plugins.backends._deepep_common import deep_ep_version
 
         info["deep_ep"] = deep_ep_version(deep_ep)
         if getattr(deep_ep, "IS_EMULATOR", False):
@@ -429,9 +587,16 @@ def versions(device):
         info["deep_ep"] = f"not importable: {type(exc).__name__}: {exc}"
     if device == "cuda":
         try:
-            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            info["nccl_compiled"] = ".".join(map(str, torch.cuda.nccl.version()))
         except Exception as exc:  # noqa: BLE001
-            info["nccl"] = f"unknown ({exc})"
+            info["nccl_compiled"] = f"unknown ({exc})"
+        try:  # the library torch actually loaded (what DeepEP V2 runs against)
+            from megatron_ep_plugins.backends import _deepep_common
+
+            loaded = _deepep_common.loaded_nccl_version()
+            info["nccl"] = ".".join(map(str, loaded)) if isinstance(loaded, tuple) else str(loaded)
+        except Exception as exc:  # noqa: BLE001
+            info["nccl"] = f"unknown ({type(exc).__name__}: {exc})"
     return info
 
 
@@ -463,32 +628,45 @@ class AdapterSlot:
         return self.backend.combine(x, handle, group)
 
 
-def bench_backend(cand, ref, blocks, inputs, args, rank, world, group):
+def make_backend(cand, args):
+    """Create a backend once per run (reused across token counts: buffers, JIT caches and groups persist)."""
+    from megatron_ep_plugins.autograd import build_slot
+
+    backend = cand.spec.factory()
+    if getattr(backend, "name", None) != cand.spec.name:
+        backend.name = cand.spec.name
+    slot = build_slot(backend)
+    slot.set_deepep_num_sms(args.num_sms)
+    return backend, slot
+
+
+def skip_reason(cand, args):
+    if not cand.availability:
+        return cand.availability.reason
+    if args.device not in cand.spec.capabilities.devices:
+        return f"declares devices {list(cand.spec.capabilities.devices)}, this run is on {args.device}"
+    if args.fp8 and not cand.spec.capabilities.fp8_dispatch:
+        return "does not declare fp8_dispatch"
+    return None
+
+
+def bench_backend(cand, made, ref, blocks, inputs, args, rank, world, group):
     import torch
     import torch.distributed as dist
 
-    from megatron_ep_plugins.autograd import build_slot
-
     name = cand.spec.name
-    res = {"backend": name, "provider": cand.spec.provider, "probe": cand.availability.reason}
-    if not cand.availability:
-        res.update(status="skipped", reason=cand.availability.reason)
-        return res
-    if args.device not in cand.spec.capabilities.devices:
-        res.update(status="skipped", reason=f"declares devices {list(cand.spec.capabilities.devices)}, "
-                                            f"this run is on {args.device}")
-        return res
-    if args.fp8 and not cand.spec.capabilities.fp8_dispatch:
-        res.update(status="skipped", reason="does not declare fp8_dispatch")
+    res = {"backend": name, "provider": cand.spec.provider, "probe": cand.availability.reason,
+           "tokens_per_rank": args.tokens}
+    why = skip_reason(cand, args)
+    if why:
+        res.update(status="skipped", reason=why)
         return res
     x_in, idx, probs, grad_out = inputs
     E = args.experts
     try:
-        backend = cand.spec.factory()
-        if getattr(backend, "name", None) != name:
-            backend.name = name
-        slot = build_slot(backend)
-        slot.set_deepep_num_sms(args.num_sms)
+        if isinstance(made, BaseException):
+            raise made
+        backend, slot = made
         res["plugin_path"] = "slot (build_slot: fused_dispatch / fused_combine)"
         if args.fp8:
             # The slot's fused_dispatch calls x.contiguous(), so it cannot take the (e4m3, scales) pair;
@@ -507,9 +685,21 @@ def bench_backend(cand, ref, blocks, inputs, args, rank, world, group):
         res["plugin"] = {"dispatch": summarize(td), "combine": summarize(tc)}
         res["recv_rows"] = rows
         direct = DIRECT.get(name)
-        if direct is not None and (args.direct == "on" or (args.direct == "auto" and args.device == "cuda")):
+        # auto: on CUDA; the torch floor (plain collectives) also on CPU
+        if direct is not None and (args.direct == "on" or (
+                args.direct == "auto" and (args.device == "cuda" or name == "torch"))):
             dd, dc = direct(backend, x_in, idx, probs, E, group, rank, args)
             res["direct"] = {"dispatch": summarize(dd), "combine": summarize(dc)}
+            extra = EXTRA_DIRECT.get(name)
+            if extra is not None:
+                dd, dc = extra[1](backend, x_in, idx, probs, E, group, rank, args)
+                res[extra[0]] = {"dispatch": summarize(dd), "combine": summarize(dc)}
+        megatron = MEGATRON.get(name)
+        if megatron is not None and not args.fp8 and (
+                args.megatron == "on" or (args.megatron == "auto" and args.device == "cuda")):
+            md, mc, have = megatron(backend, x_in, idx, probs, E, group, rank, args)
+            res["megatron"] = {"dispatch": summarize(md), "combine": summarize(mc)}
+            res["megatron_have_deep_ep"] = have
         res["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - recorded; the other backends still run
         res.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
@@ -554,42 +744,60 @@ def run_rank(rank, world, args):
         raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
     if args.fp8:
         os.environ.setdefault("MCORE_EP_ELASTIC_FP8", "1")
+    if len(args.token_list) > 1:
+        # one DeepEP V2 buffer (one JIT specialisation) for the whole sweep, as a job pins it
+        os.environ.setdefault("MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK", str(max(args.token_list)))
     registry, cands, by_name = resolve_backends(args.backends)
-    inputs = make_inputs(args, rank, world, device)
-    x_in, idx, probs, grad_out = inputs
-    blocks = expected_blocks(args, rank, world, device)
+    made = {}
+    for cand in cands:  # each backend once per run, reused across token counts
+        if skip_reason(cand, args) is None:
+            try:
+                made[cand.spec.name] = make_backend(cand, args)
+            except Exception as exc:  # noqa: BLE001 - reported per size
+                made[cand.spec.name] = exc
+    ref_slot = build_slot(by_name["torch"].spec.factory())
 
-    # the reference: torch backend on the same inputs (bf16 view of FP8 inputs)
-    ref_cand = by_name["torch"]
-    ref_slot = build_slot(ref_cand.spec.factory())
-    ref = forward_backward(ref_slot, dequant(x_in), idx, probs, grad_out, args.experts, group, rank,
-                           with_grad=not args.fp8)
-
-    results = []
-    for cand in cands:
-        res = bench_backend(cand, ref, blocks, inputs, args, rank, world, group)
-        if res["status"] == "ok":
-            bandwidth(res, args, world, group)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier(group=group)
-        results.append(res)
-    derive(results)
+    runs = []
+    for tokens in args.token_list:
+        args.tokens = tokens
+        inputs = make_inputs(args, rank, world, device)
+        x_in, idx, probs, grad_out = inputs
+        blocks = expected_blocks(args, rank, world, device)
+        # the reference: torch backend on the same inputs (bf16 view of FP8 inputs)
+        ref = forward_backward(ref_slot, dequant(x_in), idx, probs, grad_out, args.experts, group, rank,
+                               with_grad=not args.fp8)
+        results = []
+        for cand in cands:
+            res = bench_backend(cand, made.get(cand.spec.name), ref, blocks, inputs, args, rank, world, group)
+            if res["status"] == "ok":
+                bandwidth(res, args, world, group)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            dist.barrier(group=group)
+            results.append(res)
+            if rank == 0:
+                print(f"ep_bench: T={tokens} {cand.spec.name}: {res['status']}", flush=True)
+        derive(results)
+        runs.append({"tokens_per_rank": tokens, "results": results})
     report = {
         "benchmark": "ep_bench",
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(args.device, world),
         "versions": versions(args.device),
-        "sizes": {"tokens_per_rank": args.tokens, "hidden": args.hidden, "topk": args.topk,
+        "sizes": {"tokens_per_rank": args.token_list[0] if len(args.token_list) == 1 else args.token_list,
+                  "hidden": args.hidden, "topk": args.topk,
                   "experts": args.experts, "fp8_dispatch": args.fp8, "iters": args.iters, "warmup": args.warmup,
                   "num_sms": args.num_sms, "seed": args.seed, "masked": "idx[::7, 0] = -1"},
-        "targets": {"plugin_over_direct_min": 0.97, "elastic_over_legacy_min": 1.5},
-        "results": results,
+        "targets": {"plugin_over_direct_min": 0.97, "elastic_over_legacy_min": 1.5,
+                    "plugin_minus_megatron_us_max": 5.0},
+        "results": runs[0]["results"] if len(runs) == 1 else [r for run in runs for r in run["results"]],
     }
+    if len(runs) > 1:
+        report["sweep"] = runs
     if rank == 0:
         write_report(report, args)
     dist.barrier(group=group)
-    failed = [r["backend"] for r in results
+    failed = [r["backend"] for r in report["results"]
               if r["status"] == "error" or (r["status"] == "ok" and not r["conformance"]["passed"])]
     dist.destroy_process_group()
     return 1 if failed else 0
@@ -610,6 +818,15 @@ def derive(results):
             r["plugin_overhead_pct"] = (p / d - 1) * 100
             for op in ("dispatch", "combine"):
                 r[f"plugin_over_direct_{op}"] = r["direct"][op]["median_us"] / r["plugin"][op]["median_us"]
+        m = total(r, "megatron")
+        if p and m:
+            r["plugin_over_megatron"] = m / p
+            for op in ("dispatch", "combine"):  # host cost per call the plugin adds over Megatron's own path
+                r[f"plugin_minus_megatron_{op}_us"] = (r["plugin"][op]["median_us"]
+                                                       - r["megatron"][op]["median_us"])
+        dc = total(r, "direct_counts")
+        if p and dc:
+            r["plugin_over_direct_counts"] = dc / p
         t = total(by.get("torch", {}), "plugin")
         if p and t:
             r["speedup_vs_torch"] = t / p
@@ -628,42 +845,93 @@ def _f(v, fmt="{:.1f}"):
     return "-" if v is None else fmt.format(v)
 
 
-def markdown(report):
+def _header(report):
     m, v, s = report["machine"], report["versions"], report["sizes"]
-    head = (f"# ep_bench: {m['world_size']} x {m.get('gpu', 'CPU (gloo)')}, T={s['tokens_per_rank']} "
+    return (f"# ep_bench: {m['world_size']} x {m.get('gpu', 'CPU (gloo)')}, T={s['tokens_per_rank']} "
             f"H={s['hidden']} K={s['topk']} E={s['experts']} {'fp8' if s['fp8_dispatch'] else 'bf16'} dispatch\n\n"
-            f"{m['platform']}; torch {v['torch']}, NCCL {v['nccl'] or '-'}, deep_ep {v['deep_ep'] or '-'}, "
-            f"megatron-core {v['megatron_core'] or '-'}; median of {s['iters']} iterations after {s['warmup']} "
-            f"warm-up, slowest rank per iteration; GB/s = received rows x hidden x element size / time.\n\n")
+            f"{m['platform']}; torch {v['torch']}, NCCL {v.get('nccl') or '-'}"
+            f"{' (torch compiled with ' + v['nccl_compiled'] + ')' if v.get('nccl_compiled') else ''}, "
+            f"deep_ep {v['deep_ep'] or '-'}, megatron-core {v['megatron_core'] or '-'}, "
+            f"megatron_ep_plugins {v.get('megatron_ep_plugins') or '-'}; {report['time_utc']}; median of "
+            f"{s['iters']} iterations after {s['warmup']} warm-up, slowest rank per iteration; "
+            "GB/s = received rows x hidden x element size / time.\n\n")
+
+
+def _us(r, path, op):
+    return r.get(path, {}).get(op, {}).get("median_us")
+
+
+def _conformance(r):
+    c = r["conformance"]
+    return "pass" if c["passed"] else "FAIL: " + ", ".join(k for k, x in c["checks"].items() if not x["ok"])
+
+
+def markdown(report):
     cols = ["backend", "status", "conformance", "dispatch us", "combine us", "dispatch GB/s", "combine GB/s",
-            "direct dispatch us", "direct combine us", "plugin/direct", "vs torch", "notes"]
+            "direct dispatch us", "direct combine us", "plugin/direct", "megatron dispatch us",
+            "megatron combine us", "plugin-megatron us (d / c)", "vs torch", "notes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for r in report["results"]:
+    for r in report["results"] if "sweep" not in report else []:
         if r["status"] != "ok":
             why = r.get("reason") or r.get("error", "")
-            lines.append(f"| {r['backend']} | {r['status']} | - | - | - | - | - | - | - | - | - | "
-                         f"{why.replace('|', '/')} |")
+            lines.append(f"| {r['backend']} | {r['status']} |" + " - |" * (len(cols) - 3)
+                         + f" {why.replace('|', '/')} |")
             continue
-        c = r["conformance"]
-        ck = c["checks"]
-        conf = "pass" if c["passed"] else "FAIL: " + ", ".join(k for k, x in ck.items() if not x["ok"])
+        ck = r["conformance"]["checks"]
         errs = [f"combine err {ck['combine']['rel_err']:.1e}"]
         for g in ("x_grad", "probs_grad"):
             if g in ck and ck[g].get("rel_err") is not None:
                 errs.append(f"{g} err {ck[g]['rel_err']:.1e}")
         notes = "; ".join(errs)
+        if "plugin_over_direct_counts" in r:
+            notes += (f"; direct+count exchange {_f(_us(r, 'direct_counts', 'dispatch'))} / "
+                      f"{_f(_us(r, 'direct_counts', 'combine'))} us, plugin/that {r['plugin_over_direct_counts']:.3f}")
         if "elastic_over_legacy" in r:
             notes += f"; elastic/legacy {r['elastic_over_legacy']:.2f}x"
             if "elastic_over_legacy_direct" in r:
                 notes += f" (direct {r['elastic_over_legacy_direct']:.2f}x)"
-        p, d = r["plugin"], r.get("direct", {})
+        if r.get("megatron_have_deep_ep") is False:
+            notes += "; stock Megatron reports HAVE_DEEP_EP=False with this DeepEP (filled in for the measurement)"
+        p = r["plugin"]
+        pm = "-"
+        if "plugin_minus_megatron_dispatch_us" in r:
+            pm = f"{r['plugin_minus_megatron_dispatch_us']:+.1f} / {r['plugin_minus_megatron_combine_us']:+.1f}"
         lines.append("| " + " | ".join([
-            r["backend"], "ok", conf,
+            r["backend"], "ok", _conformance(r),
             _f(p["dispatch"]["median_us"]), _f(p["combine"]["median_us"]),
             _f(p["dispatch"].get("gbps"), "{:.3g}"), _f(p["combine"].get("gbps"), "{:.3g}"),
-            _f(d.get("dispatch", {}).get("median_us")), _f(d.get("combine", {}).get("median_us")),
-            _f(r.get("plugin_over_direct"), "{:.3f}"), _f(r.get("speedup_vs_torch"), "{:.2f}x"), notes]) + " |")
-    return head + "\n".join(lines) + "\n"
+            _f(_us(r, "direct", "dispatch")), _f(_us(r, "direct", "combine")),
+            _f(r.get("plugin_over_direct"), "{:.3f}"),
+            _f(_us(r, "megatron", "dispatch")), _f(_us(r, "megatron", "combine")), pm,
+            _f(r.get("speedup_vs_torch"), "{:.2f}x"), notes]) + " |")
+    if "sweep" in report:
+        lines = sweep_markdown(report)
+    return _header(report) + "\n".join(lines) + "\n"
+
+
+def sweep_markdown(report):
+    cols = ["backend", "tokens/rank", "conformance", "dispatch us", "combine us", "direct d+c us", "plugin/direct",
+            "megatron d+c us", "plugin-megatron us (d / c)", "us per 1k tokens (plugin d+c)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    rows = sorted((r for run in report["sweep"] for r in run["results"]),
+                  key=lambda r: (r["backend"], r["tokens_per_rank"]))
+    for r in rows:
+        if r["status"] != "ok":
+            why = (r.get("reason") or r.get("error", "")).replace("|", "/")
+            lines.append(f"| {r['backend']} | {r['tokens_per_rank']} | {r['status']}: {why} |" + " - |" * 7)
+            continue
+        p = _us(r, "plugin", "dispatch") + _us(r, "plugin", "combine")
+        d = (_us(r, "direct", "dispatch") or 0) + (_us(r, "direct", "combine") or 0) if "direct" in r else None
+        m = _us(r, "megatron", "dispatch") + _us(r, "megatron", "combine") if "megatron" in r else None
+        pm = "-"
+        if "plugin_minus_megatron_dispatch_us" in r:
+            pm = f"{r['plugin_minus_megatron_dispatch_us']:+.1f} / {r['plugin_minus_megatron_combine_us']:+.1f}"
+        per_k = p / r["tokens_per_rank"] * 1000 if r["tokens_per_rank"] else None
+        lines.append("| " + " | ".join([
+            r["backend"], str(r["tokens_per_rank"]), _conformance(r), _f(_us(r, "plugin", "dispatch")),
+            _f(_us(r, "plugin", "combine")), _f(d), _f(r.get("plugin_over_direct"), "{:.3f}"), _f(m), pm,
+            _f(per_k)]) + " |")
+    return lines
 
 
 def write_report(report, args):
@@ -671,40 +939,73 @@ def write_report(report, args):
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
     print(text, flush=True)
-    (out / "ep_bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "ep_bench.md").write_text(text)
+    stem = out / args.name
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(text)
     if args.plot:
-        plot(report, out / "ep_bench.png")
-    print(f"ep_bench: wrote {out / 'ep_bench.json'} and {out / 'ep_bench.md'}", flush=True)
+        plot(report, stem.with_suffix(".png"))
+    print(f"ep_bench: wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}", flush=True)
 
 
 def plot(report, path):
+    """PNG: bars per backend (single size) or time and plugin/direct against tokens (sweep)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001 - optional: skip silently
+    except Exception:  # noqa: BLE001 - optional extra: say so, keep the JSON/markdown
+        print("ep_bench: matplotlib not importable, no plot written (pip install matplotlib)", flush=True)
         return
-    bars = []
-    for r in report["results"]:
-        if r["status"] != "ok":
-            continue
-        bars.append((r["backend"], r["plugin"]["dispatch"]["median_us"], r["plugin"]["combine"]["median_us"]))
-        if "direct" in r:
-            bars.append((r["backend"] + " direct", r["direct"]["dispatch"]["median_us"],
-                         r["direct"]["combine"]["median_us"]))
-    if not bars:
-        return
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(bars)), 4))
-    xs = range(len(bars))
-    ax.bar([i - 0.2 for i in xs], [b[1] for b in bars], width=0.4, label="dispatch")
-    ax.bar([i + 0.2 for i in xs], [b[2] for b in bars], width=0.4, label="combine")
-    ax.set_xticks(list(xs), [b[0] for b in bars], rotation=20)
-    ax.set_ylabel("median us (lower is better)")
-    ax.legend()
+    if "sweep" in report:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        series = {}
+        for run in report["sweep"]:
+            for r in run["results"]:
+                if r["status"] == "ok":
+                    series.setdefault(r["backend"], []).append(r)
+        for name, rs in sorted(series.items()):
+            ts = [r["tokens_per_rank"] for r in rs]
+            ax.plot(ts, [_us(r, "plugin", "dispatch") + _us(r, "plugin", "combine") for r in rs], "o-",
+                    label=f"{name} (plugin)")
+            if all("direct" in r for r in rs):
+                ax.plot(ts, [_us(r, "direct", "dispatch") + _us(r, "direct", "combine") for r in rs], "x--",
+                        label=f"{name} direct")
+            if all("megatron" in r for r in rs):
+                ax.plot(ts, [_us(r, "megatron", "dispatch") + _us(r, "megatron", "combine") for r in rs], "s:",
+                        label=f"{name} Megatron's path")
+            if all("plugin_over_direct" in r for r in rs):
+                ax2.plot(ts, [r["plugin_over_direct"] for r in rs], "o-", label=name)
+        for a in (ax, ax2):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("tokens per rank")
+            a.legend(fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("dispatch + combine, median us")
+        ax2.axhline(0.97, color="grey", lw=0.8, ls="--")
+        ax2.set_ylabel("plugin/direct (1 = no overhead)")
+        fig.suptitle(_header(report).splitlines()[0].lstrip("# "), fontsize=9)
+    else:
+        bars = []
+        for r in report["results"]:
+            if r["status"] != "ok":
+                continue
+            for path, label in (("plugin", ""), ("direct", " direct"), ("megatron", " Megatron")):
+                if path in r:
+                    bars.append((r["backend"] + label, _us(r, path, "dispatch"), _us(r, path, "combine")))
+        if not bars:
+            return
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(bars)), 4))
+        xs = range(len(bars))
+        ax.bar([i - 0.2 for i in xs], [b[1] for b in bars], width=0.4, label="dispatch")
+        ax.bar([i + 0.2 for i in xs], [b[2] for b in bars], width=0.4, label="combine")
+        ax.set_xticks(list(xs), [b[0] for b in bars], rotation=20)
+        ax.set_ylabel("median us (lower is better)")
+        ax.legend()
+        ax.set_title(_header(report).splitlines()[0].lstrip("# "), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------

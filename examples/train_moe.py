@@ -51,6 +51,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backend", default=os.environ.get("MCORE_EP_BACKEND", "").strip() or "auto",
                    help="megatron_ep_plugins backend name/alias or 'auto' (default: $MCORE_EP_BACKEND or auto)")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not call megatron_ep_plugins.install(): rely on zero-code activation "
+                        "(MCORE_EP_BACKEND set in the environment, the .pth import hook)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available (one GPU per process), else cpu")
     p.add_argument("--nproc", type=int, default=2, help="processes to spawn when not launched by torchrun")
@@ -58,8 +61,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--ffn", type=int, default=128, help="expert FFN hidden size")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on CUDA (Megatron's Float16Module + fp32 master weights, as real jobs run; "
+                        "DeepEP kernels take bf16 tokens), fp32 on CPU")
+    p.add_argument("--hidden", type=int, default=256,
+                   help="hidden size; 256 is valid for every backend (DeepEP V2 combine needs hidden %% 256 == 0, "
+                        "V1 and HybridEP hidden %% 16 == 0 in bf16)")
+    p.add_argument("--ffn", type=int, default=256, help="expert FFN hidden size")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--experts", type=int, default=4)
@@ -155,9 +163,13 @@ def megatron_device_setup(device: torch.device, seed: int) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------
 def build_model(args: argparse.Namespace, device: torch.device, overrides: dict[str, Any]):
+    """Megatron's GPTModel; in bf16 wrapped in Megatron's ``Float16Module`` exactly as a training job does."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    bf16 = args.precision_resolved == "bf16"
 
     config = TransformerConfig(
         num_layers=args.layers,
@@ -179,8 +191,8 @@ def build_model(args: argparse.Namespace, device: torch.device, overrides: dict[
         moe_aux_loss_coeff=1e-2,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        params_dtype=torch.float32,
-        bf16=False,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
         fp16=False,
         add_bias_linear=False,
         **overrides,
@@ -189,7 +201,35 @@ def build_model(args: argparse.Namespace, device: torch.device, overrides: dict[
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab,
                      max_sequence_length=args.seq, position_embedding_type="learned_absolute",
                      parallel_output=True, share_embeddings_and_output_weights=False)
-    return model.to(device), config
+    model = model.to(device)
+    if bf16:
+        model = Float16Module(config, model)  # bf16 weights and activations, fp32 logits/loss
+    return model, config
+
+
+class MasterWeights:
+    """fp32 master copies of bf16 parameters (what Megatron's mixed-precision optimizer keeps).
+
+    Adam steps the fp32 copies; the bf16 model weights are refreshed from them after each step, so
+    updates smaller than bf16's resolution are not lost.
+    """
+
+    def __init__(self, model: torch.nn.Module, lr: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = torch.optim.Adam(self.master, lr=lr)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        for p, m in zip(self.params, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.opt.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                p.copy_(m)
 
 
 def synthetic_batch(gen: torch.Generator, args: argparse.Namespace, device: torch.device):
@@ -262,7 +302,16 @@ def train(args: argparse.Namespace) -> int:
             print(*a, flush=True)
 
     # The plugin system: select a backend and rebind Megatron's fused_dispatch/fused_combine slot.
-    if args.backend.strip().lower() in ("off", "none", "0", "false", "disabled"):
+    if args.no_install:
+        # zero-code activation: MCORE_EP_BACKEND + the .pth hook installed (or not) when Megatron's
+        # token_dispatcher was imported; this script calls nothing
+        import megatron.core.transformer.moe.token_dispatcher  # noqa: F401 - triggers the hook if armed
+        from megatron_ep_plugins.api import installed
+
+        inst = installed()
+        say(f"--no-install: MCORE_EP_BACKEND={os.environ.get('MCORE_EP_BACKEND', '(unset)')}; the import hook "
+            f"{'installed ' + repr(inst.name) if inst else 'installed nothing'}")
+    elif args.backend.strip().lower() in ("off", "none", "0", "false", "disabled"):
         inst = None  # Megatron's own fused_a2a (real DeepEP) stays in place
     else:
         inst = mep.install(args.backend)
@@ -277,16 +326,23 @@ def train(args: argparse.Namespace) -> int:
     ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                  expert_model_parallel_size=args.ep)
     overrides = megatron_device_setup(device, args.seed)
+    args.precision_resolved = args.precision if args.precision != "auto" else (
+        "bf16" if device.type == "cuda" else "fp32")
     model, config = build_model(args, device, overrides)
+    gpt = getattr(model, "module", model)  # the GPTModel inside Float16Module
     n_params = sum(p.numel() for p in model.parameters())
     n_expert = sum(p.numel() for p in model.parameters() if not getattr(p, "allreduce", True))
     say(f"model: GPTModel layers={args.layers} hidden={args.hidden} experts={args.experts} topk={args.topk} "
         f"EP={args.ep} DP={ps.get_data_parallel_world_size()} world={world} device={device} "
+        f"precision={args.precision_resolved} "
         f"params/rank={n_params} (expert {n_expert})")
-    say(f"dispatcher: {type(model.decoder.layers[0].mlp.token_dispatcher).__name__} "
+    say(f"dispatcher: {type(gpt.decoder.layers[0].mlp.token_dispatcher).__name__} "
         f"(moe_flex_dispatcher_backend={config.moe_flex_dispatcher_backend!r})")
 
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if args.precision_resolved == "bf16":
+        opt = MasterWeights(model, args.lr)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     # Each data-parallel rank draws its own batches (the seed differs by DP rank).
     gen = torch.Generator().manual_seed(args.seed * 1000 + ps.get_data_parallel_rank())
     losses: list[float] = []
@@ -294,7 +350,7 @@ def train(args: argparse.Namespace) -> int:
     model.train()
     for step in range(1, args.steps + 1):
         tokens, pos, mask, labels = synthetic_batch(gen, args, device)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         per_token = model(tokens, pos, mask, labels=labels)  # [b, s] cross entropy
         loss = per_token.float().mean()
         loss.backward()  # MoE aux loss gradients are attached inside Megatron's router
@@ -317,11 +373,16 @@ def train(args: argparse.Namespace) -> int:
     if rank == 0 and args.json_out:
         record = {
             "backend": backend_name,
-            "requested": args.backend,
+            "requested": "(zero-code: MCORE_EP_BACKEND=" + os.environ.get("MCORE_EP_BACKEND", "") + ")"
+            if args.no_install else args.backend,
             "losses": losses,
             "steps": args.steps,
             "world_size": world,
             "ep": args.ep,
+            "precision": args.precision_resolved,
+            "seed": args.seed,
+            "sizes": {"hidden": args.hidden, "ffn": args.ffn, "layers": args.layers, "experts": args.experts,
+                      "topk": args.topk, "seq": args.seq, "micro_batch": args.micro_batch},
             "versions": versions(),
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "seconds": seconds,

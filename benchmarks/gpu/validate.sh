@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU validation behind benchmarks/results/2xH200/: what was run, in which order, with which limits.
+#
+# Runs ON a machine with 2 GPUs, from the repository root, after DeepEP was staged and built there
+# (see benchmarks/README.md "On the 2 x H200 machine"; DeepEP is built from its own sources by the
+# operator, this repository ships no build script). Each step has its own time limit, so one hang costs
+# that step only; every step's output lands in RES (default /tmp/mep_results) and RES is re-archived to
+# OUT/results.tgz after each step, so a run cut short still returns what it finished.
+#
+#   bash benchmarks/gpu/validate.sh STAGE [STAGE ...]
+#     deepep     DeepEP main tree (legacy + elastic): GPU tests, ep_bench (bf16 T=4096 with torch, fp8,
+#                T=8192, token sweeps), the torch backend's profile
+#     train      examples/train_moe.py with torch, legacy, elastic, and elastic activated by env alone
+#     hybridep   DeepEP hybrid-ep tree: GPU test, ep_bench, train_moe for hybridep
+#     ncclep     nccl.ep (nccl-extensions): GPU test, ep_bench, train_moe for ncclep
+#   Environment: DEEPEP_DIR (/tmp/deepep), HYBRIDEP_DIR (/tmp/hybridep), NCCLEP_SITE (/tmp/ncclep_site),
+#   RES, OUT, STEPS (train steps, 24), PY (python3).
+set -u
+RES=${RES:-/tmp/mep_results}; OUT=${OUT:-/tmp/mep_out}; PY=${PY:-python3}; STEPS=${STEPS:-24}
+DEEPEP_DIR=${DEEPEP_DIR:-/tmp/deepep}; HYBRIDEP_DIR=${HYBRIDEP_DIR:-/tmp/hybridep}
+NCCLEP_SITE=${NCCLEP_SITE:-/tmp/ncclep_site}
+mkdir -p "$RES" "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} EP_JIT_CACHE_DIR=${EP_JIT_CACHE_DIR:-/tmp/ep_jit_cache}
+export PATH=$CUDA_HOME/bin:$PATH EP_DISABLE_GIN=1 MCORE_EP_LOG=warning
+ROOT=$(pwd)
+BASE_PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+archive() { tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; }
+step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to RES/NAME.log, record rc and wall time
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "=== [$name] $(date -u +%H:%M:%S) limit ${limit}s: $*"
+  timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  echo "$name rc=$rc wall=${dt}s" | tee -a "$RES/steps.txt"
+  tail -n 25 "$RES/$name.log"
+  archive
+  return 0
+}
+tree() { export PYTHONPATH=$1:$BASE_PYTHONPATH; }
+run2() { $PY -m torch.distributed.run --standalone --nproc-per-node 2 "$@"; }
+bench() { run2 benchmarks/ep_bench.py --plot --out "$RES/bench" "$@"; }
+train() {  # train NAME ARGS...: the main job, 2 processes (NCCL), bf16 on CUDA
+  local name=$1; shift
+  $PY examples/train_moe.py --steps "$STEPS" --seed 1234 --json-out "$RES/train/$name.json" "$@"
+}
+export -f run2 bench train
+export RES PY STEPS
+mkdir -p "$RES/bench" "$RES/train"
+
+machine_info() {
+  { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m
+    $PY - <<'PY'
+import ctypes, torch, platform
+torch.zeros(1, device="cuda")
+v = ctypes.c_int(); ctypes.CDLL("libnccl.so.2").ncclGetVersion(ctypes.byref(v))
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "nccl loaded", v.value, "nccl compiled", torch.cuda.nccl.version())
+PY
+  } > "$RES/machine.txt" 2>&1
+}
+
+for stage in "$@"; do
+  case $stage in
+    deepep)
+      tree "$DEEPEP_DIR"; machine_info
+      (cd "$DEEPEP_DIR" && git log -1 --format=%H 2>/dev/null; $PY -c 'import deep_ep; print(deep_ep.__file__, getattr(deep_ep, "__version__", "?"))') > "$RES/deepep_tree.txt" 2>&1
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_deepep.txt" 2>&1
+      step gpu_tests_deepep 240 $PY -m pytest -v -rA tests/test_gpu.py -k "not hybridep and not ncclep" --junitxml "$RES/gpu_tests_deepep.xml"
+      step bench_bf16_T4096 150 bench --backends torch,legacy,elastic --name bf16_T4096
+      step bench_fp8_T4096 120 bench --backends legacy,elastic --fp8 --name fp8_T4096
+      step bench_bf16_T8192 120 bench --backends torch,legacy,elastic --tokens 8192 --name bf16_T8192
+      step bench_sweep 240 bench --backends torch,legacy,elastic --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 30 --warmup 5 --name sweep
+      if [ -f "$RES/old_torch_a2a.py" ] || [ -f benchmarks/gpu/old_torch_a2a.py ]; then
+        step profile_torch_before 90 run2 benchmarks/profile_torch_backend.py --impl benchmarks/gpu/old_torch_a2a.py --out "$RES/profile_before"
+      fi
+      step profile_torch_after 90 run2 benchmarks/profile_torch_backend.py --out "$RES/profile_after"
+      ;;
+    train)
+      tree "$DEEPEP_DIR"
+      step train_torch 150 train torch --backend torch
+      step train_legacy 150 train legacy --backend legacy
+      step train_elastic 180 train elastic --backend elastic
+      # activated by the environment alone: the .pth hook installs when Megatron's dispatcher is imported
+      step train_elastic_env 180 env MCORE_EP_BACKEND=elastic $PY examples/train_moe.py --no-install --steps "$STEPS" --seed 1234 --json-out "$RES/train/elastic_env.json"
+      ;;
+    hybridep)
+      tree "$HYBRIDEP_DIR"
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_hybridep.txt" 2>&1
+      step gpu_tests_hybridep 240 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
+      step bench_hybridep_T4096 150 bench --backends torch,hybridep --name hybridep_bf16_T4096
+      step train_hybridep 180 train hybridep --backend hybridep
+      ;;
+    ncclep)
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_ncclep.txt" 2>&1
+      step gpu_tests_ncclep 240 $PY -m pytest -v -rA tests/test_gpu.py -k "ncclep" --junitxml "$RES/gpu_tests_ncclep.xml"
+      step bench_ncclep_T4096 150 bench --backends torch,legacy,elastic,ncclep --name ncclep_bf16_T4096
+      step train_ncclep 180 train ncclep --backend ncclep
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+archive
+cat "$RES/steps.txt"
