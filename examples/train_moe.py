@@ -141,8 +141,11 @@ def megatron_device_setup(device: torch.device, seed: int) -> dict[str, Any]:
         def gating(self, input):
             if input.device.type != "cpu":
                 return cuda_gating(self, input)
+            # Megatron's router_gating_linear in plain torch: the same product in the router dtype (its
+            # fused Function references TransformerEngine's te_general_gemm, undefined without TE in 0.16)
             dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
-            return mrouter.router_gating_linear(input, self.weight, self.bias, dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return torch.nn.functional.linear(input.to(dtype), self.weight.to(dtype), bias)
 
         gating._cpu_safe = True
         mrouter.Router.gating = gating

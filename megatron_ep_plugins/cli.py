@@ -5,7 +5,8 @@ Commands (each with ``--json`` for machines):
 * ``list``    -- plugins (name, source, status, error) and backends (name, provider, priority,
   available or not and why);
 * ``explain`` -- what ``install()`` would select now (``--backend`` to ask about a name), and why;
-* ``env``     -- every ``MCORE_EP_*`` variable: value here, default, meaning.
+* ``env``     -- every ``MCORE_EP_*`` variable: value here, default, meaning;
+* ``compat``  -- the Megatron-Core versions the patch table supports and how each was verified.
 
 Exit status: 0 on success, 1 when the question has no good answer (e.g. the named backend is
 unavailable; the message says why), 2 on usage errors.
@@ -92,14 +93,28 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compat(args: argparse.Namespace) -> int:
+    from . import patching
+
+    if args.json:
+        _print_json([{"min_version": ".".join(map(str, e.min_version)), "max_version": ".".join(map(str, e.max_version)),
+                      "verified_with": e.verified_with, "verified_by": e.verified_by, "notes": e.notes,
+                      "targets": [t.path for t in e.targets],
+                      "optional_targets": [[t.path for t in g] for g in e.optional]} for e in patching.PATCH_TABLE])
+        return 0
+    sys.stdout.write(patching.compatibility_markdown())
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-ep", description="Expert-parallel backends for Megatron-Core.")
     parser.add_argument("--version", action="version", version=f"megatron_ep_plugins {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,explain,env}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,explain,env,compat}")
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("list", "plugins and backends, with availability and reasons", _cmd_list),
         ("explain", "which backend would be selected now, and why", _cmd_explain),
         ("env", "every MCORE_EP_* variable with its value and meaning", _cmd_env),
+        ("compat", "supported Megatron-Core versions (the patch table) and how each was verified", _cmd_compat),
     ]
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)

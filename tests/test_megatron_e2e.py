@@ -38,6 +38,19 @@ def _train_module():
     return mod
 
 
+def flex_deepep_config() -> dict:
+    """How a TransformerConfig selects the flex dispatcher's DeepEP slot: ``moe_flex_dispatcher_backend``
+    from megatron-core 0.16, ``moe_enable_deepep`` in 0.15."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    if "moe_flex_dispatcher_backend" in fields:
+        return {"moe_flex_dispatcher_backend": "deepep"}
+    return {"moe_enable_deepep": True}
+
+
 def _moe_config(**overrides):
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -45,7 +58,7 @@ def _moe_config(**overrides):
     kw = dict(num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=FFN,
               moe_ffn_hidden_size=FFN, num_moe_experts=EXPERTS, moe_router_topk=TOPK,
               expert_model_parallel_size=2, moe_token_dispatcher_type="flex",
-              moe_flex_dispatcher_backend="deepep", moe_router_dtype="fp32", moe_grouped_gemm=False,
+              **flex_deepep_config(), moe_router_dtype="fp32", moe_grouped_gemm=False,
               moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, hidden_dropout=0.0,
               attention_dropout=0.0, params_dtype=torch.float32, add_bias_linear=False)
     kw.update(overrides)

@@ -73,8 +73,8 @@ for stage in "$@"; do
       step bench_fp8_T4096 120 bench --backends legacy,elastic --fp8 --name fp8_T4096
       step bench_bf16_T8192 120 bench --backends torch,legacy,elastic --tokens 8192 --name bf16_T8192
       step bench_sweep 240 bench --backends torch,legacy,elastic --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 30 --warmup 5 --name sweep
-      if [ -f "$RES/old_torch_a2a.py" ] || [ -f benchmarks/gpu/old_torch_a2a.py ]; then
-        step profile_torch_before 90 run2 benchmarks/profile_torch_backend.py --impl benchmarks/gpu/old_torch_a2a.py --out "$RES/profile_before"
+      if [ -f .payload_extra/old_torch_a2a.py ]; then
+        step profile_torch_before 90 run2 benchmarks/profile_torch_backend.py --impl .payload_extra/old_torch_a2a.py --out "$RES/profile_before"
       fi
       step profile_torch_after 90 run2 benchmarks/profile_torch_backend.py --out "$RES/profile_after"
       ;;
