@@ -1,4 +1,4 @@
-"""The reference backend `torch` against the single-process oracle, on 2 and 4 gloo ranks."""
+"""The reference backend `torch` against the single-process oracle, on 2, 3 and 4 gloo ranks."""
 
 from __future__ import annotations
 
@@ -39,22 +39,55 @@ def make_inputs(name: str, rank: int, world: int):
     return x, idx, w, num_experts
 
 
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def random_case(case: int, rank: int, world: int):
+    """Random routing no hand-written scenario covers: case-wide (hence equal on every rank) hidden, top-k,
+    experts per rank and dtype; per rank T (0 now and then), rows spanning many exponents (sums that round),
+    expert ids with -1 masks and, in every other case, repeated experts within one token's top-k."""
+    case_gen = torch.Generator().manual_seed(zlib.crc32(f"random/{case}/{world}".encode()))
+    hidden, topk, per_rank = (int(torch.randint(lo, hi, (1,), generator=case_gen)) for lo, hi in ((1, 17), (1, 7), (1, 5)))
+    dtype = DTYPES[case % len(DTYPES)]
+    num_experts = per_rank * world
+    gen = torch.Generator().manual_seed(zlib.crc32(f"random/{case}/{rank}/{world}".encode()))
+    tokens = 0 if int(torch.randint(0, 6, (1,), generator=gen)) == 0 else int(torch.randint(1, 41, (1,), generator=gen))
+    scale = torch.logspace(-3, 3, 13)[torch.randint(0, 13, (tokens, 1), generator=gen)]
+    x = (torch.randn(tokens, hidden, generator=gen) * scale).to(dtype)
+    if case % 2 and topk <= num_experts:  # distinct experts, as a router's top-k gives
+        idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices
+    else:  # repeats allowed: each entry still counts once in tokens_per_expert and owns its own weight
+        idx = torch.randint(0, num_experts, (tokens, topk), generator=gen)
+    idx[torch.rand(tokens, topk, generator=gen) < 0.3] = -1
+    w = torch.rand(tokens, topk, generator=gen)
+    return x, idx, w, num_experts
+
+
+INPUTS = {"scenario": make_inputs, "random": random_case}
+
+
+def _expert(recv_x):
+    """What the ranks' "experts" return for combine: a deterministic function of the received rows."""
+    return (recv_x.float() * 2 + 1).to(recv_x.dtype)
+
+
 def _cpu(obj):
     return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in obj.items()}
 
 
-def _rank_dispatch_combine(rank, world, names, device="cpu"):
+def _rank_dispatch_combine(rank, world, names, device="cpu", gather_before_sync=None, inputs="scenario"):
     import torch.distributed as dist
 
     from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
 
     backend = TorchA2ABackend()
+    backend.gather_before_sync = gather_before_sync  # None: the device's default (before the sync on CUDA only)
     out = {}
     for name in names:
         x, idx, w, num_experts = (t.to(device) if isinstance(t, torch.Tensor) else t
-                                  for t in make_inputs(name, rank, world))
+                                  for t in INPUTS[inputs](name, rank, world))
         res = backend.dispatch(x, idx, w, num_experts, dist.group.WORLD, async_finish=True, allocate_on_comm_stream=True)
-        y = (res.recv_x.float() * 2 + 1).to(torch.bfloat16)
+        y = _expert(res.recv_x)
         combined, none = backend.combine(y, res.handle, dist.group.WORLD)
         grad_w_in = torch.arange(res.recv_topk_weights.numel(), dtype=torch.float32,
                                  device=device).view_as(res.recv_topk_weights)
@@ -67,17 +100,31 @@ def _rank_dispatch_combine(rank, world, names, device="cpu"):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_dispatch_combine_match_oracle(world):
-    check_against_oracle(run_ranks(_rank_dispatch_combine, world, list(SCENARIOS)), world)
+@pytest.mark.parametrize("gather_before_sync", [None, True])
+def test_dispatch_combine_match_oracle(world, gather_before_sync):
+    # None = CPU default (rows gathered once the sizes are known); True = the CUDA default (gathered with
+    # the upper bound before the host waits, then sliced)
+    check_against_oracle(run_ranks(_rank_dispatch_combine, world, list(SCENARIOS), "cpu", gather_before_sync), world)
 
 
-def check_against_oracle(results, world):
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_random_routings_match_oracle(world):
+    """Property-style: many random routings (uneven and zero T, masks, repeats, bf16/fp16/fp32, K above and
+    below the group size), every output exact against the oracle, both gather placements."""
+    cases = list(range(24))
+    for gather_before_sync in (False, True):
+        results = run_ranks(_rank_dispatch_combine, world, cases, "cpu", gather_before_sync, "random")
+        check_against_oracle(results, world, cases, "random")
+
+
+def check_against_oracle(results, world, names=None, inputs="scenario"):
     """Every rank's dispatch/combine/cached results (moved to the CPU) against the single-process oracle."""
-    names = list(SCENARIOS)
+    names = list(SCENARIOS) if names is None else names
     for name in names:
-        inputs = [make_inputs(name, r, world) for r in range(world)]
-        xs, idxs, ws = [i[0] for i in inputs], [i[1] for i in inputs], [i[2] for i in inputs]
-        rows, counts = oracle_dispatch(xs, idxs, ws, inputs[0][3])
+        by_rank = [INPUTS[inputs](name, r, world) for r in range(world)]
+        xs, idxs, ws = [i[0] for i in by_rank], [i[1] for i in by_rank], [i[2] for i in by_rank]
+        dtype = xs[0].dtype
+        rows, counts = oracle_dispatch(xs, idxs, ws, by_rank[0][3])
         for d in range(world):
             got = results[d][name]
             want = rows[d]
@@ -91,12 +138,13 @@ def check_against_oracle(results, world):
             assert torch.equal(got["tpe"], counts[d]), (name, d)
             assert got["tpe_device"] == "cpu"
             assert got["none"] is None
-        ys = {d: (results[d][name]["recv_x"].float() * 2 + 1).to(torch.bfloat16) for d in range(world)}
-        want_combined = oracle_combine(ys, rows, [x.shape for x in xs], torch.bfloat16)
+        ys = {d: _expert(results[d][name]["recv_x"]) for d in range(world)}
+        want_combined = oracle_combine(ys, rows, [x.shape for x in xs], dtype)
         for r in range(world):
             got = results[r][name]["combined"]
-            assert got.dtype == torch.bfloat16 and got.shape == xs[r].shape
-            torch.testing.assert_close(got.float(), want_combined[r].float(), rtol=1e-2, atol=1e-2)
+            assert got.dtype == dtype and got.shape == xs[r].shape
+            # fp32 sum in ascending destination order, one cast: the oracle's arithmetic, so bit-exact
+            assert torch.equal(got, want_combined[r]), (name, r)
             # combine's weights: each source entry comes back from the rank owning that expert
             want_w = torch.zeros(idxs[r].shape)
             for d in range(world):
@@ -148,44 +196,185 @@ def check_round_trip(results):
         torch.testing.assert_close(probs_grad, want, rtol=1e-5, atol=1e-5)
 
 
-def _rank_bad_ids_on_one_rank(rank, world):
+def _rank_bad_ids_on_one_rank(rank, world, bad_ids, zero_tokens_on_rank0):
     import torch.distributed as dist
 
     from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
     from megatron_ep_plugins.errors import InvalidInputError
 
+    backend, group = TorchA2ABackend(), dist.group.WORLD
     idx = torch.tensor([[0, 1], [2, 3]])
     if rank == 1:
-        idx = torch.tensor([[0, 9], [2, -5]])  # out of range on rank 1 only
+        idx = torch.tensor([[0, bad_ids[0]], [2, bad_ids[1]]])  # out of range on rank 1 only
+    if rank == 0 and zero_tokens_on_rank0:
+        idx = idx[:0]
     try:
-        TorchA2ABackend().dispatch(torch.zeros(2, 4), idx, torch.ones(2, 2), 4, dist.group.WORLD)
+        backend.dispatch(torch.zeros(idx.shape[0], 4), idx, torch.ones(idx.shape[0], 2), 4, group)
+        message = "no error"
     except InvalidInputError as exc:
-        return str(exc)
-    return "no error"
+        message = str(exc)
+    # every rank stopped at the same point (after the header exchange): the group is still usable
+    res = backend.dispatch(torch.ones(2, 4), torch.tensor([[0, 3], [-1, 2]]), torch.ones(2, 2), 4, group)
+    return message, res.recv_x.shape[0]
 
 
-def test_out_of_range_ids_on_one_rank_raise_on_every_rank():
-    messages = run_ranks(_rank_bad_ids_on_one_rank, 2)
-    for msg in messages:  # no rank hangs: both get the same diagnosis, naming rank 1
-        assert "expert ids out of range on rank(s) [1]" in msg and "[0, 4)" in msg and "-1" in msg
+@pytest.mark.parametrize("bad_ids,count", [((9, -5), 2), ((4, 0), 1), ((-2, 1), 1), ((-1, 4), 1)])
+@pytest.mark.parametrize("zero_tokens_on_rank0", [False, True])
+def test_out_of_range_ids_on_one_rank_raise_on_every_rank(bad_ids, count, zero_tokens_on_rank0):
+    results = run_ranks(_rank_bad_ids_on_one_rank, 2, bad_ids, zero_tokens_on_rank0)
+    for rank, (msg, rows_after) in enumerate(results):  # no rank hangs: both get the same diagnosis, naming rank 1
+        assert "expert ids out of range on rank(s) [1]" in msg and "[0, 4)" in msg and "-1" in msg, msg
+        assert f"({count} entries)" in msg, msg
+        assert rows_after == (2, 4)[rank]  # from each rank: token 0 to ranks 0 and 1, token 1 to rank 1
 
 
-def _rank_hidden_mismatch(rank, world):
+def _rank_shape_mismatch(rank, world, what):
     import torch.distributed as dist
 
     from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
     from megatron_ep_plugins.errors import InvalidInputError
 
+    hidden, topk, dtype = 4, 1, torch.float32
+    if what == "hidden size":
+        hidden += rank
+    elif what == "top-k":
+        topk += rank
+    else:
+        dtype = (torch.float32, torch.bfloat16)[rank]
+    idx = torch.tensor([[0], [3]]).expand(2, topk).contiguous()
     try:
-        TorchA2ABackend().dispatch(torch.zeros(2, 4 + rank), torch.tensor([[0], [3]]), torch.ones(2, 1), 4, dist.group.WORLD)
+        TorchA2ABackend().dispatch(torch.zeros(2, hidden, dtype=dtype), idx, torch.ones(2, topk), 4, dist.group.WORLD)
     except InvalidInputError as exc:
         return str(exc)
     return "no error"
 
 
-def test_ranks_disagreeing_on_hidden_size_fail_instead_of_hanging():
-    for msg in run_ranks(_rank_hidden_mismatch, 2):
-        assert "ranks disagree on the hidden size" in msg and "[4, 5]" in msg
+@pytest.mark.parametrize("what,values", [("hidden size", "[4, 5]"), ("top-k", "[1, 2]"), ("dtype code", "[2, 0]")])
+def test_ranks_disagreeing_on_shapes_fail_instead_of_hanging(what, values):
+    for msg in run_ranks(_rank_shape_mismatch, 2, what):
+        assert f"ranks disagree on the {what}" in msg and values in msg, msg
+
+
+#: aten ops that make the host wait for a CUDA device (or hide a data-dependent size), forbidden on the hot path
+SYNCING_OPS = ("aten.nonzero.", "aten._local_scalar_dense", "aten.item", "aten.bincount", "aten.unique",
+               "aten._unique", "aten.masked_select", "aten.repeat_interleave", "aten.is_nonzero", "aten.equal",
+               "aten.allclose", "aten.masked_scatter", "aten._assert_async")
+
+
+def _rank_op_audit(rank, world, hidden, topk, per_rank):
+    """Every aten/c10d op dispatch, combine (with and without weights) and a cached dispatch call."""
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+            self.ops.append((str(func), any(t.dtype == torch.bool for t in tensors if t.dim() > 0),
+                             [(o.dtype, o.numel()) for o in outs]))
+            return out
+
+    backend, group = TorchA2ABackend(), dist.group.WORLD
+    gen = torch.Generator().manual_seed(7 + rank)
+    tokens, num_experts = 64, per_rank * world
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices
+    idx[::5, 0] = -1
+    w = torch.rand(tokens, topk, generator=gen)
+    calls = {}
+    for label in ("warm-up", "measured"):
+        with Record() as rec:
+            res = backend.dispatch(x, idx, w, num_experts, group)
+        calls["dispatch"] = rec.ops
+        y = res.recv_x * 2
+        with Record() as rec:
+            backend.combine(y, res.handle, group)
+        calls["combine"] = rec.ops
+        with Record() as rec:
+            backend.combine(y, res.handle, group, topk_weights=res.recv_topk_weights)
+        calls["combine with weights"] = rec.ops
+        with Record() as rec:
+            backend.dispatch_cached(x, res.handle, group)
+        calls["cached dispatch"] = rec.ops
+    return calls, res.handle.num_sent
+
+
+@pytest.mark.parametrize("topk,per_rank", [(4, 4), (2, 1)])  # group size 4 <= K and 4 > K
+def test_hot_path_has_no_hidden_sync_and_fixed_collectives(topk, per_rank):
+    """The ops each call runs, as the dispatcher sees them (the same ops run on CUDA): no op that syncs the host
+    on CUDA; per dispatch 3 collectives (header, rows, metadata; the host reads the header once, outside aten),
+    per combine 1 (2 with weights), per cached dispatch 1; and combine makes no fp32 copy of the received block
+    nor an fp32 [T, H] buffer for a bf16 input."""
+    hidden = 32
+    for calls, num_sent in run_ranks(_rank_op_audit, 4, hidden, topk, per_rank):
+        for call, ops in calls.items():
+            names = [name for name, *_ in ops]
+            for name in names:
+                assert not name.startswith(SYNCING_OPS), (call, name)
+            bool_indexing = [name for name, has_bool, _ in ops if has_bool and name.startswith(("aten.index.", "aten.index_put"))]
+            assert not bool_indexing, (call, bool_indexing)  # boolean-mask indexing = nonzero = a sync
+            want = {"dispatch": 3, "combine": 1, "combine with weights": 2, "cached dispatch": 1}[call]
+            assert sum(name.startswith("c10d.alltoall_base_") for name in names) == want, (call, names)
+        for call in ("combine", "combine with weights"):
+            big_fp32 = [(name, outs) for name, _, outs in calls[call]
+                        if any(dtype == torch.float32 and numel >= 64 * hidden for dtype, numel in outs)]
+            assert not big_fp32, (call, big_fp32)
+        assert num_sent > 64  # tokens do go to several ranks: the block is larger than [T, H]
+
+
+def _rank_gpu_sync_count(rank, world):
+    """CUDA only: count host syncs per call with sync debug mode set to raise on any implicit one."""
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
+
+    waits = []
+
+    class CountingEvent(torch.cuda.Event):
+        def synchronize(self):
+            waits.append(1)
+            return super().synchronize()
+
+    torch.cuda.Event = CountingEvent
+    backend, group = TorchA2ABackend(), dist.group.WORLD
+    gen = torch.Generator().manual_seed(3 + rank)
+    tokens, hidden, topk, num_experts = 256, 128, 4, 4 * world
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
+    idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices.cuda()
+    w = torch.rand(tokens, topk, generator=gen).cuda()
+    backend.dispatch(x, idx, w, num_experts, group)  # warm-up: constants, allocator, NCCL
+    torch.cuda.synchronize()
+    counts = {}
+    torch.cuda.set_sync_debug_mode("error")  # any implicit sync (.item(), nonzero, blocking copy) raises
+    try:
+        for call in ("dispatch", "combine", "combine with weights", "cached dispatch"):
+            before = len(waits)
+            if call == "dispatch":
+                res = backend.dispatch(x, idx, w, num_experts, group)
+            elif call == "combine":
+                backend.combine(res.recv_x, res.handle, group)
+            elif call == "combine with weights":
+                backend.combine(res.recv_x, res.handle, group, topk_weights=res.recv_topk_weights)
+            else:
+                backend.dispatch_cached(x, res.handle, group)
+            counts[call] = len(waits) - before
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return counts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")
+def test_gpu_one_host_sync_per_dispatch_none_per_combine():
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    for counts in run_ranks(_rank_gpu_sync_count, min(2, torch.cuda.device_count()), backend="nccl", env=env):
+        assert counts == {"dispatch": 1, "combine": 0, "combine with weights": 0, "cached dispatch": 0}
 
 
 def _rank_bad_inputs(rank, world):

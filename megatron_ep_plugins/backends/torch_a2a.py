@@ -3,11 +3,28 @@
 Works with gloo on CPU and NCCL on GPU, needs no extension, and is the fallback that works anywhere
 (including clusters where DeepEP cannot run). Every other backend is tested against it.
 
-Per dispatch it runs three collectives: a small header exchange (counts, per-expert counts, and the
-values every rank must agree on), moved to the CPU in one transfer (the only host sync), then the
-rows and their packed routing metadata. Bad routing ids are detected on the device and reported
-through the header, so every rank raises the same error instead of one rank raising and the
-others hanging.
+Per dispatch: one small header exchange (per-destination row counts, per-expert counts, a count of
+bad expert ids and the shape values every rank must agree on), moved to the host in one transfer,
+which is the dispatch's only host sync; then the rows and their routing metadata, each with one
+``all_to_all_single`` whose split sizes are now known. Bad routing ids are detected on the device
+and reported through the header, so every rank raises the same error instead of one rank raising
+and the others hanging. Combine and a dispatch with a cached handle never sync the host.
+
+How (shapes: T tokens, K top-k, R ranks, L = E/R experts per rank, S rows sent, N rows received):
+
+* Everything that does not need the sizes is computed on the device *before* the host waits, with
+  the upper bound ``S <= min(R, K) * T``: destination of every (token, k) entry, the (destination,
+  token) pairs in send order (``torch.nonzero_static``), the send position of every pair (a
+  cumsum), the packed per-row metadata (local expert ids and weights, one int32 block), and on CUDA
+  the row gather itself. The host waits on an event recorded right after the header's
+  device-to-host copy, so the GPU keeps gathering while the host reads the sizes and launches the
+  collectives. ``torch.bincount`` and ``nonzero`` (both sync on CUDA) are replaced by a
+  ``scatter_add_`` histogram and ``nonzero_static``.
+* Combine receives the rows back into a buffer with one spare row and sums them per token with one
+  ``embedding_bag(mode="sum")`` over precomputed positions (``[T, min(R, K)]``, the spare row as
+  padding): fp32 accumulation in ascending destination order, one rounding to the input dtype
+  (exactly "fp32 sum over destination ranks, then cast"), in one pass, with no fp32 copy of the
+  received block and no fp32 ``[T, H]`` buffer.
 """
 
 from __future__ import annotations
@@ -36,14 +53,19 @@ def _float_dtypes() -> tuple:
 
 @dataclass
 class TorchA2AHandle:
-    """Routing of one dispatch, reused by combine and by combine's backward."""
+    """Routing of one dispatch, reused by combine, combine's backward and a cached dispatch."""
 
-    token_ids: "torch.Tensor"  # [S] source token of each sent row, grouped by destination
-    owner_mask: "torch.Tensor"  # [S, K] which top-k entries of a sent row its destination owns
+    token_ids: "torch.Tensor"  # [S] source token of each sent row, grouped by destination, ascending
+    bags: "torch.Tensor"  # [T, min(R, K)] send position of each token's rows (= num_sent where none)
+    positions: "torch.Tensor"  # [T, R + 1] send position of (token, destination d) at column d + 1; column 0 and
+    # destinations a token was not sent to hold num_sent
+    slots: "torch.Tensor"  # [T, K] destination + 1 of each top-k entry, 0 = routed nowhere
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
     num_tokens: int  # T on this rank
     num_experts: int
+    num_sent: int  # S = sum(send_splits)
+    num_recv: int  # N = sum(recv_splits)
 
 
 class TorchA2ABackend:
@@ -53,18 +75,24 @@ class TorchA2ABackend:
 
     def __init__(self) -> None:
         self.num_sms: Optional[int] = None
+        #: Gather the rows before the host waits for the header (upper-bound size, sliced afterwards):
+        #: ``None`` = on CUDA only, where it overlaps the host's wait and launches; on CPU nothing
+        #: runs asynchronously, so it would only copy rows that are not sent. Tests force both ways.
+        self.gather_before_sync: Optional[bool] = None
+        self._consts: dict = {}  # (device, R, E, hidden, topk, dtype) -> _Consts
 
     # -- EPBackend -----------------------------------------------------------------------------
     def set_num_sms(self, num_sms: int) -> None:
         self.num_sms = num_sms  # no kernels of its own: recorded for `explain`, otherwise unused
 
     def agreement_key(self) -> Mapping[str, Any]:
-        return {"algorithm": "all_to_all_single", "version": 1}
+        return {"algorithm": "all_to_all_single", "version": 1}  # wire format unchanged since version 1
 
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
         import torch
         import torch.distributed as dist
+        import torch.nn.functional as F
 
         world = dist.get_world_size(group)
         _check_dispatch_args(x, topk_idx, topk_weights, num_experts, world)
@@ -72,45 +100,69 @@ class TorchA2ABackend:
         topk = topk_idx.shape[1]
         local = num_experts // world
         device = x.device
-        topk_idx = topk_idx.long()
+        on_cuda = device.type == "cuda"
+        max_sent = min(world, topk) * num_tokens  # a token goes to at most min(R, K) ranks
+        idx = topk_idx.long()
 
-        in_range = (topk_idx >= 0) & (topk_idx < num_experts)
-        bad = ((topk_idx < -1) | (topk_idx >= num_experts)).sum()
-        dest = torch.where(in_range, topk_idx // local, world)  # `world` = routed nowhere
-        in_rank = torch.zeros(num_tokens, world + 1, dtype=torch.bool, device=device)
-        in_rank.scatter_(1, dest, True)
-        pairs = in_rank[:, :world].t().nonzero()  # (destination, token), destination-major, tokens ascending
-        row_dest, token_ids = pairs[:, 0], pairs[:, 1]
-        owner_mask = dest[token_ids] == row_dest[:, None]
-        send_idx = torch.where(owner_mask, topk_idx[token_ids] - row_dest[:, None] * local, -1)
-        send_w = torch.where(owner_mask, topk_weights[token_ids], 0.0)
-
-        per_expert = torch.bincount(topk_idx[in_range], minlength=num_experts).view(world, local)
-        header = torch.empty(world, _NUM_FIXED + local, dtype=torch.int64, device=device)
-        header[:, _COUNT] = in_rank[:, :world].sum(0)
-        header[:, _BAD] = bad
-        header[:, _HIDDEN] = hidden
-        header[:, _TOPK] = topk
-        header[:, _DTYPE] = _float_dtypes().index(x.dtype)
-        header[:, _NUM_FIXED:] = per_expert
+        # -- routing and header (device only, no sync) ---------------------------------------------
+        # code: 0 = masked (-1), e + 1 = expert e, num_experts + 1 = out of range (< -1 or >= E)
+        c = self._constants(device, world, num_experts, hidden, topk, x.dtype)
+        code = torch.remainder((idx + 1).clamp_(-1, num_experts + 1), num_experts + 2)
+        hist = torch.zeros(num_experts + 2, dtype=torch.int64, device=device)
+        hist.scatter_add_(0, code.reshape(-1), c.ones.expand(code.numel()))
+        slots = c.slot_of_code.take(code)  # [T, K] destination rank + 1, 0 = routed nowhere (masked or bad)
+        in_rank = (slots.unsqueeze(2) == c.ranks).any(1)  # [T, R]
+        header = torch.cat([in_rank.sum(0).view(world, 1), hist[num_experts + 1:].expand(world, 1), c.header,
+                            hist[1:num_experts + 1].view(world, local)], dim=1)
         recv_header = torch.empty_like(header)
         dist.all_to_all_single(recv_header, header, group=group)
-        both = torch.stack([header, recv_header]).cpu()  # the one host sync of a dispatch
-        sent, got = both[0], both[1]
-        _check_header(got, group, num_experts, hidden, topk, x.dtype)
-        send_splits = sent[:, _COUNT].tolist()
-        recv_splits = got[:, _COUNT].tolist()
-        num_recv = sum(recv_splits)
+        if on_cuda:
+            host = torch.empty((2,) + tuple(header.shape), dtype=torch.int64, pin_memory=True)
+            host[0].copy_(header, non_blocking=True)
+            host[1].copy_(recv_header, non_blocking=True)
+            header_ready = torch.cuda.Event()
+            header_ready.record()
+        else:
+            host = torch.stack([header, recv_header])
 
+        # -- index building with the upper bound, queued before the host waits ------------------
+        dest_major = in_rank.t()  # [R, T]: send order is destination-major, tokens ascending
+        pairs = torch.nonzero_static(dest_major, size=max_sent, fill_value=0)  # (destination, token), padded
+        row_dest, token_ids = pairs[:, 0], pairs[:, 1]
+        sent_before = dest_major.reshape(-1).cumsum(0).view(world, num_tokens).t()  # [T, R], inclusive
+        positions = F.pad(torch.where(in_rank, sent_before - 1, max_sent), (1, 0), value=max_sent)
+        meta = _pack_meta(idx, topk_weights, slots, token_ids, row_dest, local, c.meta_fill)  # [max_sent, 2K] int32
+        early = on_cuda if self.gather_before_sync is None else self.gather_before_sync
+        rows = x.index_select(0, token_ids) if early else None
+        if world > topk:  # at most K destinations per token: one bag entry per distinct destination
+            distinct = slots.sort(dim=1).values
+            distinct[:, 1:].masked_fill_(distinct[:, 1:] == distinct[:, :-1], 0)
+        else:
+            distinct = None
+
+        # -- the one host sync -------------------------------------------------------------------
+        if on_cuda:
+            header_ready.synchronize()
+        sent, got = host.tolist()
+        _check_header(got, group, num_experts, hidden, topk, x.dtype)
+        send_splits = [row[_COUNT] for row in sent]
+        recv_splits = [row[_COUNT] for row in got]
+        num_sent, num_recv = sum(send_splits), sum(recv_splits)
+
+        # -- payload: rows, then metadata (sizes known, no sync) ----------------------------------
         recv_x = x.new_empty(num_recv, hidden)
-        dist.all_to_all_single(recv_x, x[token_ids], recv_splits, send_splits, group=group)
-        meta = torch.cat([send_idx.to(torch.int32), send_w.float().contiguous().view(torch.int32)], dim=1)
+        send_rows = rows[:num_sent] if early else x.index_select(0, token_ids[:num_sent])
+        dist.all_to_all_single(recv_x, send_rows, recv_splits, send_splits, group=group)
         recv_meta = meta.new_empty(num_recv, 2 * topk)
-        dist.all_to_all_single(recv_meta, meta, recv_splits, send_splits, group=group)
+        dist.all_to_all_single(recv_meta, meta[:num_sent], recv_splits, send_splits, group=group)
         recv_idx = recv_meta[:, :topk].long()
-        recv_w = recv_meta[:, topk:].contiguous().view(torch.float32)
-        tokens_per_expert = got[:, _NUM_FIXED:].sum(0)
-        handle = TorchA2AHandle(token_ids, owner_mask, send_splits, recv_splits, num_tokens, num_experts)
+        recv_w = recv_meta[:, topk:].view(torch.float32).contiguous()
+        tokens_per_expert = host[1, :, _NUM_FIXED:].sum(0)
+
+        positions.clamp_(max=num_sent)  # the spare row of combine's receive buffer
+        bags = positions[:, 1:].contiguous() if distinct is None else positions.gather(1, distinct)
+        handle = TorchA2AHandle(token_ids[:num_sent], bags, positions, slots, send_splits, recv_splits,
+                                num_tokens, num_experts, num_sent, num_recv)
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
@@ -122,16 +174,17 @@ class TorchA2ABackend:
                 f"dispatch with a cached handle expects x of shape [{h.num_tokens}, H] (the token count of the "
                 f"dispatch that made the handle), got {tuple(x.shape)}"
             )
-        recv = x.new_empty(sum(h.recv_splits), x.shape[1])
-        dist.all_to_all_single(recv, x[h.token_ids], h.recv_splits, h.send_splits, group=group)
+        recv = x.new_empty(h.num_recv, x.shape[1])
+        dist.all_to_all_single(recv, x.index_select(0, h.token_ids), h.recv_splits, h.send_splits, group=group)
         return recv
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
         import torch
         import torch.distributed as dist
+        import torch.nn.functional as F
 
         h = _check_handle(handle)
-        num_recv = sum(h.recv_splits)
+        num_recv, num_sent = h.num_recv, h.num_sent
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != num_recv:
             raise InvalidInputError(
                 f"combine expects x of shape [{num_recv}, H] (one row per row dispatch delivered here, same "
@@ -139,23 +192,69 @@ class TorchA2ABackend:
             )
         if x.dtype not in _float_dtypes():
             raise InvalidInputError(f"combine expects a bf16/fp16/fp32 tensor, got {x.dtype}")
-        num_sent = len(h.token_ids)
-        back = x.new_empty(num_sent, x.shape[1])
-        dist.all_to_all_single(back, x.contiguous(), h.send_splits, h.recv_splits, group=group)
-        out = torch.zeros(h.num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
-        out.index_add_(0, h.token_ids, back.float())
+        topk = h.slots.shape[1]
+        if topk_weights is not None and topk_weights.shape != (num_recv, topk):
+            raise InvalidInputError(
+                f"combine's topk_weights must have shape [{num_recv}, {topk}], got {tuple(topk_weights.shape)}"
+            )
+        # Rows come back in send order into [S + 1, H]; row S is the padding row of empty bag slots.
+        back = x.new_empty(num_sent + 1, x.shape[1])
+        dist.all_to_all_single(back[:num_sent], x.contiguous(), h.send_splits, h.recv_splits, group=group)
+        # Per token: fp32 sum of its rows in ascending destination order, one cast to x.dtype.
+        combined = F.embedding_bag(h.bags, back, mode="sum", padding_idx=num_sent)
         combined_w = None
         if topk_weights is not None:
-            if topk_weights.shape != (num_recv, h.owner_mask.shape[1]):
-                raise InvalidInputError(
-                    f"combine's topk_weights must have shape [{num_recv}, {h.owner_mask.shape[1]}], "
-                    f"got {tuple(topk_weights.shape)}"
-                )
-            back_w = topk_weights.new_empty(num_sent, topk_weights.shape[1], dtype=torch.float32)
-            dist.all_to_all_single(back_w, topk_weights.float().contiguous(), h.send_splits, h.recv_splits, group=group)
-            combined_w = torch.zeros(h.num_tokens, back_w.shape[1], dtype=torch.float32, device=x.device)
-            combined_w.index_add_(0, h.token_ids, torch.where(h.owner_mask, back_w, 0.0))
-        return out.to(x.dtype), combined_w
+            back_w = torch.empty(num_sent + 1, topk, dtype=torch.float32, device=x.device)
+            dist.all_to_all_single(back_w[:num_sent], topk_weights.float().contiguous(), h.send_splits,
+                                   h.recv_splits, group=group)
+            back_w[num_sent] = 0.0
+            # every routed entry has exactly one owner: take its value from the row its owner returned
+            combined_w = back_w.gather(0, h.positions.gather(1, h.slots))
+        return combined, combined_w
+
+    def _constants(self, device, world: int, num_experts: int, hidden: int, topk: int, dtype) -> "_Consts":
+        """Small device constants of one (device, group size, E, H, K, dtype): built once, on the device
+        (fills, no host-to-device copy), then reused by every dispatch with that key."""
+        import torch
+
+        key = (device, world, num_experts, hidden, topk, dtype)
+        consts = self._consts.get(key)
+        if consts is None:
+            local = num_experts // world
+            # code 0 = masked, e + 1 = expert e, E + 1 = bad id -> destination + 1, 0 = nowhere
+            slot_of_code = torch.arange(-1, num_experts + 1, device=device).div_(local, rounding_mode="floor").add_(1)
+            slot_of_code[0] = slot_of_code[num_experts + 1] = 0
+            header = torch.empty(world, 3, dtype=torch.int64, device=device)
+            for col, value in enumerate((hidden, topk, _float_dtypes().index(dtype))):
+                header[:, col].fill_(value)
+            meta_fill = torch.zeros(2 * topk, dtype=torch.int32, device=device)
+            meta_fill[:topk] = -1  # masked local id; weight bits 0 = 0.0
+            consts = _Consts(torch.ones(1, dtype=torch.int64, device=device),
+                             torch.arange(1, world + 1, device=device), slot_of_code, header, meta_fill)
+            self._consts[key] = consts
+        return consts
+
+
+@dataclass(frozen=True)
+class _Consts:
+    ones: "torch.Tensor"  # [1] int64
+    ranks: "torch.Tensor"  # [R] 1..R
+    slot_of_code: "torch.Tensor"  # [E + 2] destination + 1 of each routing code, 0 = nowhere
+    header: "torch.Tensor"  # [R, 3] hidden, top-k, dtype code
+    meta_fill: "torch.Tensor"  # [2K] int32: -1 (local id) then 0 (weight bits) for entries a row does not own
+
+
+def _pack_meta(idx, weights, slots, token_ids, row_dest, local: int, fill) -> "torch.Tensor":
+    """Per sent row: local expert ids (-1 where the entry's expert is not on the row's destination),
+    then the weights' bits (0.0 there), as one int32 block ``[rows, 2K]``."""
+    import torch
+
+    topk = idx.shape[1]
+    per_token = torch.cat([torch.remainder(idx, local).to(torch.int32), weights.view(torch.int32),
+                           slots.to(torch.int32)], dim=1)
+    per_row = per_token.index_select(0, token_ids)
+    owned = per_row[:, 2 * topk:] == (row_dest + 1).unsqueeze(1)
+    return torch.where(owned.repeat(1, 2), per_row[:, :2 * topk], fill)
 
 
 def _check_handle(handle: Any) -> TorchA2AHandle:
@@ -207,22 +306,24 @@ def _check_dispatch_args(x, topk_idx, topk_weights, num_experts, world) -> None:
         )
 
 
-def _check_header(got, group, num_experts: int, hidden: int, topk: int, dtype) -> None:
-    """Raise the same error on every rank when any rank sent bad ids or disagrees on shapes."""
+def _check_header(got: list, group, num_experts: int, hidden: int, topk: int, dtype) -> None:
+    """Raise the same error on every rank when any rank sent bad ids or disagrees on shapes.
+
+    ``got``: the received header rows (one list per source rank), already on the host."""
     import torch.distributed as dist
 
     def ranks(mask) -> list[int]:
         return [dist.get_global_rank(group, i) for i, m in enumerate(mask) if m]
 
-    bad = got[:, _BAD]
-    if bool((bad > 0).any()):
+    bad = [row[_BAD] for row in got]
+    if any(b > 0 for b in bad):
         raise InvalidInputError(
-            f"expert ids out of range on rank(s) {ranks(bad > 0)} ({bad.sum().item()} entries): topk_idx must "
+            f"expert ids out of range on rank(s) {ranks([b > 0 for b in bad])} ({sum(bad)} entries): topk_idx must "
             f"be in [0, {num_experts}) or -1 for a masked (dropped) entry"
         )
     for col, mine, what in ((_HIDDEN, hidden, "hidden size"), (_TOPK, topk, "top-k"),
                             (_DTYPE, _float_dtypes().index(dtype), "dtype code")):
-        values = got[:, col].tolist()
+        values = [row[col] for row in got]
         if any(v != mine for v in values):
             raise InvalidInputError(
                 f"ranks disagree on the {what} of dispatch inputs: values by group rank {values} "
