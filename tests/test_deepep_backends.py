@@ -8,7 +8,9 @@ documented asserts, so "adapter == reference" and "no emulator assert fired" are
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +39,9 @@ def deepep_emulator(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
         monkeypatch.setattr(torch.cuda.nccl, "version", lambda: nccl)
+        from megatron_ep_plugins.backends import _deepep_common
+
+        monkeypatch.setattr(_deepep_common, "loaded_nccl_version", lambda: tuple(nccl))
         import deep_ep
 
         assert deep_ep.IS_EMULATOR and deep_ep.API == api
@@ -48,12 +53,16 @@ def deepep_emulator(monkeypatch):
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
+# Valid for every real backend on 2 and 4 ranks (tests/test_gpu.py runs them on GPUs): hidden 256 (DeepEP V2
+# combine needs hidden % 256, V1 bf16 hidden % 16, HybridEP hidden % 16) and an even number of experts per rank
+# (HybridEP: (experts per rank x ranks per NVLink domain) % 4 == 0).
+HIDDEN = 256
 SCENARIOS = {
     # name: (tokens on rank r, hidden, topk, experts per rank)
-    "uneven_masked": (lambda r: 11 + 5 * r, 16, 2, 2),
-    "zero_tokens_on_rank1": (lambda r: 0 if r == 1 else 9, 16, 2, 2),
-    "k1": (lambda r: 10, 8, 1, 2),
-    "k4": (lambda r: 6 + r, 8, 4, 3),
+    "uneven_masked": (lambda r: 11 + 5 * r, HIDDEN, 2, 2),
+    "zero_tokens_on_rank1": (lambda r: 0 if r == 1 else 9, HIDDEN, 2, 2),
+    "k1": (lambda r: 10, HIDDEN, 1, 2),
+    "k4": (lambda r: 6 + r, HIDDEN, 4, 4),
 }
 
 
@@ -171,26 +180,129 @@ def test_matches_reference(deepep_emulator, backend_name, world, scenarios, flag
 
 
 # -- backend specifics ----------------------------------------------------------------------------------
+def _tokens(num_tokens, hidden, topk, num_experts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16)
+    idx = torch.rand(num_tokens, num_experts, generator=gen).topk(topk, dim=1).indices
+    return x, idx, torch.rand(num_tokens, topk, generator=gen)
+
+
+def _round_trip(backend, group, num_tokens, hidden, topk=2, num_experts=4, seed=0):
+    x, idx, w = _tokens(num_tokens, hidden, topk, num_experts, seed)
+    res = backend.dispatch(x, idx, w, num_experts, group)
+    backend.combine(res.recv_x, res.handle, group)
+    return res
+
+
 def _legacy_buffer_reuse(rank, world):
     import deep_ep
     import torch.distributed as dist
 
     backend = make_backend("legacy")
     group = dist.group.WORLD
-    for hidden in (16, 16, 8, 64):
-        x = torch.randn(5, hidden).to(torch.bfloat16)
-        idx = torch.tensor([[0, 3]] * 5)
-        res = backend.dispatch(x, idx, torch.ones(5, 2), 4, group)
-        backend.combine(res.recv_x, res.handle, group)
+    for hidden in (32, 32, 16, 64):
+        _round_trip(backend, group, 5, hidden)
     with pytest.raises(Exception, match="even"):
         backend.set_num_sms(7)
-    return deep_ep.Buffer.num_constructed, deep_ep.Buffer.num_sms
+    return deep_ep.constructed("Buffer"), deep_ep.Buffer.num_sms
 
 
 def test_legacy_reuses_buffer_and_rebuilds_when_larger(deepep_emulator):
     deepep_emulator("v1")
     results = run_ranks(_legacy_buffer_reuse, 2)
-    assert results == [(2, 20)] * 2  # built for hidden 16, reused for 16 and 8, rebuilt for 64
+    assert results == [(2, 20)] * 2  # built for hidden 32, reused for 32 and 16, rebuilt for 64
+
+
+def _legacy_num_sms_growth(rank, world):
+    import deep_ep
+    import torch.distributed as dist
+
+    backend = make_backend("legacy")
+    group = dist.group.WORLD
+    backend.set_num_sms(20)
+    _round_trip(backend, group, 5, 256)
+    built = [deep_ep.constructed("Buffer")]
+    backend.set_num_sms(48)  # larger size hints: the old buffer is too small (the emulator host-asserts that)
+    _round_trip(backend, group, 5, 256)
+    built.append(deep_ep.constructed("Buffer"))
+    backend.set_num_sms(20)  # smaller: the buffer still fits, no rebuild
+    _round_trip(backend, group, 5, 256)
+    built.append(deep_ep.constructed("Buffer"))
+    deep_ep.Buffer.set_num_sms(64)  # changed behind the adapter's back (e.g. Megatron's own setter)
+    _round_trip(backend, group, 5, 256)
+    built.append(deep_ep.constructed("Buffer"))
+    return built
+
+
+def test_legacy_rechecks_buffer_size_when_num_sms_grows(deepep_emulator):
+    deepep_emulator("v1")
+    assert run_ranks(_legacy_num_sms_growth, 2) == [[1, 2, 2, 3]] * 2
+
+
+def _two_groups_alternating(rank, world, backend_name):
+    import deep_ep
+    import torch.distributed as dist
+
+    name = {"legacy": "Buffer", "elastic": "ElasticBuffer", "hybridep": "HybridEPBuffer"}[backend_name]
+    backend = make_backend(backend_name)
+    groups = [dist.new_group(list(range(world))), dist.new_group(list(range(world)))]
+    assert groups[0] is not groups[1]
+    for step in range(6):
+        _round_trip(backend, groups[step % 2], 6 + rank, HIDDEN, seed=step)
+    return deep_ep.constructed(name)
+
+
+@pytest.mark.parametrize("backend_name", ["legacy", "elastic", "hybridep"])
+def test_two_groups_alternating_keep_one_buffer_each(deepep_emulator, backend_name):
+    deepep_emulator("v2")
+    assert run_ranks(_two_groups_alternating, 2, backend_name) == [2, 2]  # one per group, never rebuilt
+
+
+def _steady_state_costs(rank, world, backend_name):
+    """After the first call of a shape, no argument checks, no world-size lookups and no rules run again."""
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.backends import deepep_elastic, deepep_legacy
+
+    module = deepep_legacy if backend_name == "legacy" else deepep_elastic
+    backend = make_backend(backend_name)
+    group = dist.group.WORLD
+    calls = []
+
+    def wrap(fn):  # counts calls made from the plugin's code only (not the emulator's collectives)
+        def counted(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("megatron_ep_plugins"):
+                calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name in ("check_dispatch_args", "check_combine_args", "check_torch_deterministic"):
+        setattr(module, name, wrap(getattr(module, name)))
+    rules = "check_v1_rules" if backend_name == "legacy" else "check_v2_rules"
+    setattr(module, rules, wrap(getattr(module, rules)))
+    original_world, original_size = dist.get_world_size, type(group).size
+    dist.get_world_size = wrap(original_world)
+    type(group).size = wrap(original_size)
+    try:
+        for step in range(3):
+            x, idx, w = _tokens(9 + rank, HIDDEN, 2, 4, seed=step)
+            res = backend.dispatch(x, idx, w, 4, group)
+            backend.combine(res.recv_x, res.handle, group, topk_weights=res.recv_topk_weights)
+            backend.dispatch_cached(x, res.handle, group)
+            if step == 0:
+                first, calls[:] = list(calls), []
+    finally:
+        dist.get_world_size, type(group).size = original_world, original_size
+    return first, calls
+
+
+@pytest.mark.parametrize("backend_name", ["legacy", "elastic"])
+def test_steady_state_skips_checks_and_world_size_lookups(deepep_emulator, backend_name):
+    deepep_emulator("v2")
+    for first, later in run_ranks(_steady_state_costs, 2, backend_name):
+        assert "check_dispatch_args" in first and any(n.startswith("check_v") for n in first)
+        assert later == [], later
 
 
 def _elastic_buckets(rank, world):
@@ -202,12 +314,9 @@ def _elastic_buckets(rank, world):
     group = dist.group.WORLD
     sizes = []
     for tokens in (10 + rank, 300 if rank == 1 else 3, 20, 0):  # rank 1's larger batch grows both ranks
-        x = torch.randn(tokens, 8).to(torch.bfloat16)
-        idx = torch.randint(0, 4, (tokens, 2))
-        res = backend.dispatch(x, idx, torch.rand(tokens, 2), 4, group)
-        backend.combine(res.recv_x, res.handle, group)
-        sizes.append(backend._shape[1])
-    return sizes, deep_ep.ElasticBuffer.num_constructed
+        _round_trip(backend, group, tokens, HIDDEN)
+        sizes.append(backend._groups[group].max_tokens)
+    return sizes, deep_ep.constructed("ElasticBuffer")
 
 
 def test_elastic_buckets_max_tokens_and_grows_together(deepep_emulator):
@@ -232,23 +341,22 @@ def _elastic_steady_state(rank, world):
 
     dist.all_reduce = counting_all_reduce
     for tokens in (10 + rank, 200, 5):  # within the agreed bucket: no collective of the adapter's own
-        x = torch.randn(tokens, 8).to(torch.bfloat16)
-        res = backend.dispatch(x, torch.randint(0, 4, (tokens, 2)), torch.rand(tokens, 2), 4, group)
-        backend.combine(res.recv_x, res.handle, group)
+        _round_trip(backend, group, tokens, HIDDEN)
     try:
-        backend.dispatch(torch.randn(300, 8).to(torch.bfloat16), torch.randint(0, 4, (300, 2)),
-                         torch.rand(300, 2), 4, group)
+        x, idx, w = _tokens(300, HIDDEN, 2, 4)
+        backend.dispatch(x, idx, w, 4, group)
     except InvalidInputError as exc:
-        return len(calls), str(exc), deep_ep.ElasticBuffer.num_constructed
-    return len(calls), "no error", deep_ep.ElasticBuffer.num_constructed
+        return len(calls), str(exc), deep_ep.constructed("ElasticBuffer")
+    return len(calls), "no error", deep_ep.constructed("ElasticBuffer")
 
 
 def test_elastic_steady_state_adds_no_collective_and_overflow_says_what_to_pin(deepep_emulator):
     deepep_emulator("v2")
     for calls, msg, built in run_ranks(_elastic_steady_state, 2):
         assert calls == 1 and built == 1  # only the first dispatch agreed across ranks
-        assert "300 tokens exceed the num_max_tokens_per_rank=256" in msg
-        assert "MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK" in msg and "MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1" in msg
+        assert "300 tokens exceed the num_max_tokens_per_rank=256" in msg and "detected on this rank only" in msg
+        assert "MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK=512 on every rank" in msg
+        assert "MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1" in msg
 
 
 def _elastic_pinned(rank, world, values, tokens):
@@ -259,23 +367,29 @@ def _elastic_pinned(rank, world, values, tokens):
     os.environ["MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK"] = str(values[rank])
     backend = make_backend("elastic")
     assert backend.agreement_key()["max_tokens_per_rank"] == values[rank]
-    t = tokens[rank]
-    try:
-        backend.dispatch(torch.randn(t, 8).to(torch.bfloat16), torch.randint(0, 4, (t, 2)), torch.rand(t, 2), 4,
-                         dist.group.WORLD)
-    except (RankMismatchError, InvalidInputError) as exc:
-        return type(exc).__name__, str(exc)
+    result = []
+    for t in tokens[rank]:
+        try:
+            _round_trip(backend, dist.group.WORLD, t, HIDDEN)
+        except (RankMismatchError, InvalidInputError) as exc:
+            return type(exc).__name__, str(exc)
     return "ok", ""
 
 
 def test_elastic_pinned_max_tokens_mismatch_and_overflow(deepep_emulator):
     deepep_emulator("v2")
-    results = run_ranks(_elastic_pinned, 2, [512, 1024], [4, 4])
+    results = run_ranks(_elastic_pinned, 2, [512, 1024], [[4], [4]])
     assert all(kind == "RankMismatchError" and "rank 0: 512" in msg and "rank 1: 1024" in msg for kind, msg in results)
-    # only rank 1 overflows, yet both ranks raise the same error (no hang)
-    results = run_ranks(_elastic_pinned, 2, [64, 64], [4, 65])
+    # only rank 1 overflows at the first dispatch, yet both ranks raise the same error (no hang)
+    results = run_ranks(_elastic_pinned, 2, [64, 64], [[4], [65]])
     assert all(kind == "InvalidInputError" and "65 tokens" in msg for kind, msg in results)
-    assert run_ranks(_elastic_pinned, 2, [64, 64], [4, 64]) == [("ok", "")] * 2
+    assert run_ranks(_elastic_pinned, 2, [64, 64], [[4], [64]]) == [("ok", "")] * 2
+    # later (steady state, no collective) only the overflowing rank can tell: it names the variable to set
+    results = run_ranks(_elastic_pinned, 2, [64, 64], [[4, 8], [4, 64, 65]])
+    assert results[0] == ("ok", "")
+    kind, msg = results[1]
+    assert kind == "InvalidInputError" and "65 tokens on this rank" in msg
+    assert "set MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK to at least 65 (the same value on every rank)" in msg
 
 
 def _fp8_passthrough(rank, world, backend_name):
@@ -307,7 +421,122 @@ def test_fp8_input_passes_through(deepep_emulator, backend_name, monkeypatch):
     assert sum(run_ranks(_fp8_passthrough, 2, backend_name)) > 0
 
 
-# -- the emulator's asserts are live ----------------------------------------------------------------------
+# -- size rules: every adapter rejects bad sizes up front, on every rank, with the fix --------------------
+# (backend, world, tokens, hidden, topk, experts per rank, x dtype, expected message parts)
+BAD_SIZES = {
+    "legacy-hidden8": ("legacy", 2, 5, 8, 2, 2, "bf16", ["DeepEP V1 intranode dispatch needs bf16 hidden % 16 == 0",
+                                                         "got hidden=8", "multiple of 16"]),
+    "legacy-hidden24": ("legacy", 2, 5, 24, 2, 2, "bf16", ["bf16 hidden % 16 == 0", "got hidden=24"]),
+    "legacy-fp8-hidden16": ("legacy", 2, 5, 16, 2, 2, "fp8", ["FP8 hidden % 32 == 0", "got hidden=16"]),
+    "legacy-hidden8192": ("legacy", 2, 2, 8192, 2, 2, "bf16", ["bf16 hidden <= 8176", "got hidden=8192"]),
+    "legacy-topk33": ("legacy", 2, 3, 256, 33, 20, "bf16", ["top-k <= 32", "got topk=33"]),
+    "legacy-129-experts-per-rank": ("legacy", 2, 3, 256, 2, 129, "bf16", ["at most 128 experts per rank", "129"]),
+    "legacy-3-ranks": ("legacy", 3, 3, 256, 2, 2, "bf16", ["an expert-parallel group of 2, 4 or 8 ranks",
+                                                           "got 3 ranks", "no kernel configuration"]),
+    "elastic-hidden64": ("elastic", 2, 5, 64, 2, 2, "bf16", [
+        "backend 'elastic': DeepEP V2 combine needs hidden % 256 == 0, got hidden=64; use a hidden size that is a "
+        "multiple of 256 or the 'legacy'/'torch' backend"]),
+    "elastic-hidden16": ("elastic", 2, 5, 16, 2, 2, "bf16", ["hidden % 256 == 0, got hidden=16"]),
+    "elastic-topk33": ("elastic", 2, 3, 256, 33, 20, "bf16", ["DeepEP V2 needs top-k <= 32", "got topk=33"]),
+    "hybridep-hidden8": ("hybridep", 2, 5, 8, 2, 2, "bf16", ["HybridEP's buffer config needs bf16 hidden_dim % 16 "
+                                                             "== 0", "got hidden=8"]),
+    "hybridep-3-experts-per-rank": ("hybridep", 2, 5, 256, 2, 3, "bf16", [
+        "(experts per rank x ranks per NVLink domain) % 4 == 0", "got 3 x 2"]),
+    "hybridep-1-expert-per-rank": ("hybridep", 2, 5, 256, 1, 1, "bf16", ["% 4 == 0", "got 1 x 2"]),
+}
+
+
+def _bad_sizes(rank, world, case):
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.errors import InvalidInputError
+
+    backend_name, _, tokens, hidden, topk, per_rank, dtype, _ = BAD_SIZES[case]
+    backend = make_backend(backend_name)
+    x, idx, w = _tokens(tokens + (rank if backend_name != "legacy" else 0), hidden, topk, per_rank * world)
+    if dtype == "fp8":
+        x = (x.float().to(torch.float8_e4m3fn), torch.ones(x.shape[0], -(-hidden // 128)))
+    try:
+        backend.dispatch(x, idx, w, per_rank * world, dist.group.WORLD)
+    except InvalidInputError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("case", list(BAD_SIZES))
+def test_adapters_reject_bad_sizes_on_every_rank(deepep_emulator, case, monkeypatch):
+    backend_name, world, *_, parts = BAD_SIZES[case]
+    deepep_emulator("v2")
+    if BAD_SIZES[case][6] == "fp8":
+        monkeypatch.setenv("MCORE_EP_ELASTIC_FP8", "1")
+    messages = run_ranks(_bad_sizes, world, case, timeout=60)  # a hang would fail here, not hang CI
+    for msg in messages:
+        for part in parts:
+            assert part in msg, (part, msg)
+        assert msg.startswith(f"backend {backend_name!r}: ") and "; " in msg  # what is wrong; what would work
+
+
+def _bad_combine(rank, world, backend_name):
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.errors import InvalidInputError
+
+    backend = make_backend(backend_name)
+    group = dist.group.WORLD
+    res = _round_trip(backend, group, 5, 512)
+    errors = []
+    for bad in (res.recv_x[:, :272].contiguous(), res.recv_x.float()):  # V2 JIT needs hidden % 256; bf16 only
+        try:
+            backend.combine(bad, res.handle, group)
+            errors.append("no error")
+        except InvalidInputError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+@pytest.mark.parametrize("backend_name", ["legacy", "elastic"])
+def test_adapters_reject_bad_combine_inputs_before_the_kernel(deepep_emulator, backend_name):
+    deepep_emulator("v2")
+    for narrow, fp32 in run_ranks(_bad_combine, 2, backend_name):
+        if backend_name == "elastic":
+            assert "DeepEP V2 combine needs hidden % 256 == 0, got hidden=272" in narrow
+        else:
+            assert narrow == "no error"  # V1 combine accepts any hidden % 8 intranode
+        assert "DeepEP combines bf16 rows, got torch.float32" in fp32
+
+
+def test_rule_functions_cover_internode_and_hybrid_limits():
+    from megatron_ep_plugins.backends.deepep_elastic import check_v2_rules
+    from megatron_ep_plugins.backends.deepep_legacy import check_v1_rules
+    from megatron_ep_plugins.backends.hybridep import check_hybridep_rules
+    from megatron_ep_plugins.errors import InvalidInputError
+
+    check_v1_rules(16, 7168, 2, 8, 256)  # DeepSeek-V3 sizes over 2 nodes
+    check_v1_rules(8, 7168, 1, 8, 256, num_scales=56)
+    check_v2_rules(2, 7168, 2, 8, 256, num_sms=24, device_sms=132)
+    check_hybridep_rules(8, 7168, 256, 8)
+    for call, match in [
+        (lambda: check_v1_rules(16, 4160, 2, 8, 256), "internode combine needs hidden % 256 == 0"),
+        (lambda: check_v1_rules(16, 8192, 2, 8, 256), "to fit its 16384-byte TMA buffer"),
+        (lambda: check_v1_rules(32, 7168, 2, 8, 4096 * 4), "at most 512 experts per node"),
+        (lambda: check_v1_rules(2, 7168, 2, 8, 256, op="combine"), None),
+        (lambda: check_v1_rules(2, 7176, 2, 8, None, op="combine"), None),  # intranode combine: hidden % 8
+        (lambda: check_v1_rules(2, 7172, 2, 8, None, op="combine"), "hidden % 8 == 0"),
+        (lambda: check_v2_rules(2, 7168, 2, 8, 255), "num_experts % group size == 0"),
+        (lambda: check_v2_rules(2, 7168, 2, 8, 256, num_sms=140, device_sms=132), "num_sms <= the GPU's 132 SMs"),
+        (lambda: check_hybridep_rules(4, 256, 8, 3), "group size % ranks per NVLink domain == 0"),
+        (lambda: check_hybridep_rules(4, 256, 8, 2, chunk_dispatch=3), "NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API"),
+        (lambda: check_hybridep_rules(4, 256, 8, 2, max_tokens=30000), "max tokens per rank <= 21844"),
+        (lambda: check_hybridep_rules(2, 256, 40000, 2), "num_experts <= 32767"),
+    ]:
+        if match is None:
+            call()
+        else:
+            with pytest.raises(InvalidInputError, match=re.escape(match)):
+                call()
+
+
+# -- the emulator is at least as strict as DeepEP ---------------------------------------------------------
 def _misuse(rank, world):
     import deep_ep
     import torch.distributed as dist
@@ -318,32 +547,32 @@ def _misuse(rank, world):
     def expect(exc, fn, *args, **kwargs):
         with pytest.raises(exc) as info:
             fn(*args, **kwargs)
-        seen.append(str(info.value)[:200])
+        seen.append(str(info.value)[:300])
 
     expect(AssertionError, deep_ep.Buffer.set_num_sms, 7)
     buf = deep_ep.Buffer(group, 1 << 30, 0)
     idx = torch.tensor([[0, 3], [1, -1]])
-    expect(AssertionError, buf.get_dispatch_layout, idx, 4, allocate_on_comm_stream=True)
+    expect(RuntimeError, buf.get_dispatch_layout, idx, 4, allocate_on_comm_stream=True)
     layout = buf.get_dispatch_layout(idx, 4)
-    x = torch.randn(2, 8).to(torch.bfloat16)
-    expect(AssertionError, buf.dispatch, x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+    x = torch.randn(2, HIDDEN).to(torch.bfloat16)
+    expect(RuntimeError, buf.dispatch, x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
            num_tokens_per_expert=layout[2], topk_idx=idx, topk_weights=torch.ones(2, 2, dtype=torch.bfloat16))
 
     with pytest.raises(RuntimeError, match="differs across ranks"):
-        deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=256 * (rank + 1), hidden=8, num_topk=2)
-    eb = deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=4, hidden=8, num_topk=2)
+        deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=256 * (rank + 1), hidden=HIDDEN, num_topk=2)
+    eb = deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=4, hidden=HIDDEN, num_topk=2)
     w = torch.ones(2, 2)
-    expect(AssertionError, eb.dispatch, x, idx, w, num_experts=4, previous_event=eb.capture())
-    big = torch.randn(5 if rank else 2, 8).to(torch.bfloat16)  # only rank 1 overflows; both raise
-    expect(AssertionError, eb.dispatch, big, torch.zeros(big.shape[0], 2, dtype=torch.long),
+    expect(RuntimeError, eb.dispatch, x, idx, w, num_experts=4, previous_event=eb.capture())
+    big = torch.randn(5 if rank else 2, HIDDEN).to(torch.bfloat16)  # only rank 1 overflows; both raise
+    expect(RuntimeError, eb.dispatch, big, torch.zeros(big.shape[0], 2, dtype=torch.long),
            torch.ones(big.shape[0], 2), num_experts=4)
     recv_x, _, _, handle, _ = eb.dispatch(x, idx, w, num_experts=4, num_sms=20)
     expect(RuntimeError, eb.combine, recv_x, handle, num_sms=10)
     expect(RuntimeError, eb.dispatch, x, idx, w, num_experts=4)  # sticky: the buffer is dead
 
-    hb = deep_ep.HybridEPBuffer(group, hidden_dim=8, max_num_of_tokens_per_rank=64, num_local_experts=2)
+    hb = deep_ep.HybridEPBuffer(group, hidden_dim=HIDDEN, max_num_of_tokens_per_rank=64, num_local_experts=2)
     expect(RuntimeError, hb.dispatch, x, topk_idx=idx, topk_weights=w, num_of_experts=4)  # -1 index
-    uneven = torch.randn(2 + rank, 8).to(torch.bfloat16)
+    uneven = torch.randn(2 + rank, HIDDEN).to(torch.bfloat16)
     expect(RuntimeError, hb.dispatch, uneven, routing_map=torch.ones(2 + rank, 4, dtype=torch.bool))
     return seen
 
@@ -356,6 +585,157 @@ def test_emulator_asserts_are_live(deepep_emulator):
         assert any("even" in s for s in seen) and any("719" in s for s in seen)
         assert any("allocate_on_comm_stream" in s for s in seen) and any("float32" in s for s in seen)
         assert any("same token count" in s for s in seen) and any("-1" in s for s in seen)
+        assert any("num_tokens <= num_max_tokens_per_rank" in s for s in seen)
+
+
+def _emulator_size_rules(rank, world):
+    """The emulator itself (no adapter) rejects every bad size the way the real library fails."""
+    import deep_ep
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    seen = {}
+
+    def expect(name, exc, fn, *args, **kwargs):
+        with pytest.raises(exc) as info:
+            fn(*args, **kwargs)
+        seen[name] = str(info.value)
+
+    def v1_dispatch(buf, x, topk=2, num_experts=4):
+        idx = torch.arange(topk).repeat(x.shape[0], 1) % num_experts
+        layout = buf.get_dispatch_layout(idx, num_experts)
+        return buf.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                            num_tokens_per_expert=layout[2], topk_idx=idx, topk_weights=torch.ones(idx.shape))
+
+    bf16 = lambda t, h: torch.randn(t, h).to(torch.bfloat16)  # noqa: E731
+    # V1: bf16 hidden % 16 is a device trap (the real test hung); the buffer is dead afterwards
+    buf = deep_ep.Buffer(group, 1 << 30, 0)
+    expect("v1_hidden8", RuntimeError, v1_dispatch, buf, bf16(3, 8))
+    expect("v1_dead", RuntimeError, v1_dispatch, buf, bf16(3, 256))
+    buf = deep_ep.Buffer(group, 1 << 30, 0)
+    expect("v1_hidden12", RuntimeError, v1_dispatch, buf, bf16(3, 12))  # host assert: whole int4 vectors
+    expect("v1_experts", RuntimeError, v1_dispatch, buf, bf16(3, 256), 2, 258)
+    expect("v1_topk33", RuntimeError, v1_dispatch, deep_ep.Buffer(group, 1 << 30, 0), bf16(3, 256), 33, 66)
+    expect("v1_ranks", AssertionError, deep_ep.Buffer.get_dispatch_config, 3)
+    buf = deep_ep.Buffer(group, 1 << 30, 0)
+    recv_x, _, _, _, handle, _ = v1_dispatch(buf, bf16(3, 256))
+    expect("v1_combine_fp32", RuntimeError, buf.combine, recv_x.float(), handle)
+    deep_ep.Buffer.set_num_sms(40)  # the handle was made with 10 channels
+    expect("v1_sms_changed", RuntimeError, buf.combine, recv_x, handle)
+    deep_ep.Buffer.set_num_sms(20)
+    small = deep_ep.Buffer(group, 128, 0)
+    expect("v1_too_small", RuntimeError, v1_dispatch, small, bf16(3, 256))
+
+    # V2: combine's JIT static_assert on hidden % 256 ("Invalid hidden"), top-k <= 32 in dispatch
+    eb = deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=256, hidden=512, num_topk=2)
+    x = bf16(3, 64)
+    idx = torch.tensor([[0, 1]] * 3)
+    recv_x, _, _, handle, _ = eb.dispatch(x, idx, torch.ones(3, 2), num_experts=4)  # dispatch itself compiles
+    expect("v2_invalid_hidden", RuntimeError, eb.combine, recv_x, handle)
+    eb = deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=256, hidden=512, num_topk=40)
+    idx = torch.arange(33).repeat(3, 1)
+    expect("v2_topk33", RuntimeError, eb.dispatch, bf16(3, 256), idx, torch.ones(3, 33), num_experts=66)
+    expect("v2_experts", RuntimeError, eb.dispatch, bf16(3, 256), torch.tensor([[0, 1]] * 3), torch.ones(3, 2),
+           num_experts=5, num_sms=20)
+    # the real dispatch's defaults: do_handle_copy=True (the handle keeps a copy of topk_idx)
+    eb = deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=256, hidden=256, num_topk=2)
+    idx = torch.tensor([[0, 3]] * 3)
+    _, _, _, handle, _ = eb.dispatch(bf16(3, 256), idx, torch.ones(3, 2), num_experts=4)
+    idx.add_(0)  # modified in place after dispatch: fine, the handle holds a copy
+    assert handle.topk_idx is not idx
+    _, _, _, handle, _ = eb.dispatch(bf16(3, 256), idx, torch.ones(3, 2), num_experts=4, do_handle_copy=False)
+    idx.add_(0)
+    expect("v2_no_copy_modified", AssertionError, lambda: handle.topk_idx)
+
+    # HybridEP: "The buffer config is not valid." for bf16 hidden % 16 and (local x ranks) % 4
+    expect("hybrid_hidden8", RuntimeError, deep_ep.HybridEPBuffer, group, 8, 64, 2)
+    expect("hybrid_local3", RuntimeError, deep_ep.HybridEPBuffer, group, 256, 64, 3)
+    expect("hybrid_fp8_hidden256", RuntimeError, deep_ep.HybridEPBuffer, group, 256, 64, 2, use_fp8=True)
+    hb = deep_ep.HybridEPBuffer(group, 256, 64, 2)
+    assert not any(hasattr(hb, a) for a in ("num_local_experts", "hidden_dim", "max_num_of_tokens_per_rank"))
+    x = bf16(4, 256)
+    routing_map = torch.zeros(4, 4, dtype=torch.bool)
+    routing_map[:, rank * 2] = True
+    tokens, _, _, handle = hb.dispatch(hidden=x, routing_map=routing_map, probs=torch.rand(4, 4))
+    expect("hybrid_cached_no_experts", AssertionError, hb.dispatch, hidden=x, handle=handle)
+    hb.dispatch(hidden=x, handle=handle, num_of_experts=4)
+    expect("hybrid_template_hidden", AssertionError, hb.dispatch, hidden=bf16(4, 264), routing_map=routing_map)
+    return seen
+
+
+def test_emulator_is_as_strict_as_deepep(deepep_emulator):
+    deepep_emulator("v2")
+    for seen in run_ranks(_emulator_size_rules, 2):
+        assert "device-side assert" in seen["v1_hidden8"] and "intranode.cu:304" in seen["v1_hidden8"]
+        assert "device-side assert" in seen["v1_dead"]  # sticky
+        assert "csrc/legacy/buffer.hpp:458" in seen["v1_hidden12"]
+        assert "intranode.cu:168" in seen["v1_experts"]
+        assert "num_topk <= 32" in seen["v1_topk33"]
+        assert "Unsupported number of EP ranks: 3" in seen["v1_ranks"]
+        assert "Unsupported type" in seen["v1_combine_fp32"]
+        assert "num_channels" in seen["v1_sms_changed"]
+        assert "num_nvl_bytes" in seen["v1_too_small"]
+        assert "NVCC compilation failed" in seen["v2_invalid_hidden"] and '"Invalid hidden"' in seen["v2_invalid_hidden"]
+        assert '"Insufficient lanes"' in seen["v2_topk33"]
+        assert "num_experts % nccl_context->num_ranks == 0" in seen["v2_experts"]
+        assert "must not be modified" in seen["v2_no_copy_modified"]
+        for name in ("hybrid_hidden8", "hybrid_local3", "hybrid_fp8_hidden256"):
+            assert seen[name] == "The buffer config is not valid.", seen[name]
+        assert seen["hybrid_cached_no_experts"] == "The number of experts should be provided on index-based routing."
+        assert seen["hybrid_template_hidden"] == "The config is not valid."
+
+
+def _param_names(fn):
+    return [(p.name, p.default if p.default is not inspect.Parameter.empty else "<required>")
+            for p in inspect.signature(fn).parameters.values()]
+
+
+# The real signatures (DeepEP main dd758caf deep_ep/buffers/{legacy,elastic}.py, branch hybrid-ep 94a9f8f6
+# deep_ep/hybrid_ep_buffer.py); the emulator must take exactly these arguments with these defaults.
+REAL_SIGNATURES = {
+    ("Buffer", "__init__"): "self group num_nvl_bytes=0 num_rdma_bytes=0 low_latency_mode=False num_qps_per_rank=24 "
+                            "allow_nvlink_for_low_latency_mode=True allow_mnnvl=False explicitly_destroy=False "
+                            "enable_shrink=False comm=None",
+    ("Buffer", "dispatch"): "self x handle=None num_tokens_per_rank=None num_tokens_per_rdma_rank=None "
+                            "is_token_in_rank=None num_tokens_per_expert=None topk_idx=None topk_weights=None "
+                            "expert_alignment=1 num_worst_tokens=0 config=None previous_event=None async_finish=False "
+                            "allocate_on_comm_stream=False",
+    ("Buffer", "combine"): "self x handle topk_weights=None bias=None config=None previous_event=None "
+                           "async_finish=False allocate_on_comm_stream=False",
+    ("ElasticBuffer", "__init__"): "self group num_bytes=None num_cpu_bytes=0 num_max_tokens_per_rank=0 hidden=0 "
+                                   "num_topk=0 use_fp8_dispatch=False deterministic=False allow_hybrid_mode=True "
+                                   "allow_multiple_reduction=True prefer_overlap_with_compute=True sl_idx=3 "
+                                   "num_allocated_qps=0 num_cpu_timeout_secs=300 num_gpu_timeout_secs=100 "
+                                   "explicitly_destroy=False",
+    ("ElasticBuffer", "dispatch"): "self x topk_idx=None topk_weights=None cumulative_local_expert_recv_stats=None "
+                                   "num_experts=None num_max_tokens_per_rank=None expert_alignment=None num_sms=0 "
+                                   "num_qps=0 previous_event=None previous_event_before_epilogue=None "
+                                   "async_with_compute_stream=False allocate_on_comm_stream=False handle=None "
+                                   "do_handle_copy=True do_cpu_sync=None do_expand=False do_zero_padding=False "
+                                   "use_tma_aligned_col_major_sf=False",
+    ("ElasticBuffer", "combine"): "self x handle topk_weights=None bias=None num_sms=0 num_qps=0 previous_event=None "
+                                  "previous_event_before_epilogue=None async_with_compute_stream=False "
+                                  "allocate_on_comm_stream=False",
+    ("HybridEPBuffer", "__init__"): "self group hidden_dim max_num_of_tokens_per_rank num_local_experts use_fp8=False "
+                                    "num_sms_dispatch_api=None num_sms_combine_api=None num_sms_preprocessing_api=None "
+                                    "num_blocks_permute=None num_blocks_unpermute=None load_cached_kernels=False "
+                                    "use_shared_buffer=True enable_custom_allgather=False "
+                                    "num_of_hybrid_ep_ranks_per_nvlink_domain=None use_mnnvl=None",
+    ("HybridEPBuffer", "dispatch"): "self hidden scaling_factor=None topk_idx=None topk_weights=None "
+                                    "num_of_experts=None probs=None routing_map=None num_dispatched_tokens_tensor=None "
+                                    "num_dispatched_tokens=None handle=None",
+    ("HybridEPBuffer", "combine"): "self hidden probs=None handle=None",
+}
+
+
+@pytest.mark.parametrize("cls, method", list(REAL_SIGNATURES))
+def test_emulator_signatures_match_the_real_library(deepep_emulator, cls, method):
+    deep_ep = deepep_emulator("v2")
+    expected = []
+    for token in REAL_SIGNATURES[cls, method].split():
+        name, _, default = token.partition("=")
+        expected.append((name, "<required>" if not _ else eval(default)))  # noqa: S307 - literals above
+    assert _param_names(getattr(getattr(deep_ep, cls), method)) == expected
 
 
 # -- probes, registration, settings -----------------------------------------------------------------------
@@ -405,6 +785,48 @@ def test_elastic_probe_rejects_old_gpu_or_nccl(deepep_emulator, capability, nccl
     deepep_emulator("v2", capability=capability, nccl=nccl)
     verdict = _probes()["elastic"]
     assert not verdict.available and expected in verdict.reason
+
+
+@pytest.mark.parametrize("compiled, loaded, available, decided", [
+    ((2, 28, 9), (2, 30, 7), True, "2.30.7"),  # the 2 x H200 machine: torch built with 2.28.9, 2.30.7 loaded
+    ((2, 30, 7), (2, 28, 3), False, "2.28.3"),  # a newer compile-time NCCL does not help an old loaded one
+    ((2, 30, 5), RuntimeError("libnccl.so.2 is not loaded in this process"), True, "2.30.5"),
+    ((2, 28, 9), RuntimeError("libnccl.so.2 is not loaded in this process"), False, "2.28.9"),
+])
+def test_elastic_probe_decides_on_the_loaded_nccl(deepep_emulator, monkeypatch, compiled, loaded, available, decided):
+    from megatron_ep_plugins.backends import _deepep_common
+
+    deepep_emulator("v2", nccl=compiled)
+
+    def fake_loaded():
+        if isinstance(loaded, Exception):
+            raise loaded
+        return loaded
+
+    monkeypatch.setattr(_deepep_common, "loaded_nccl_version", fake_loaded)
+    verdict = _probes()["elastic"]
+    assert verdict.available is available, verdict.reason
+    assert verdict.details["nccl"] == decided and verdict.details["nccl_compiled"] == ".".join(map(str, compiled))
+    if isinstance(loaded, Exception):
+        assert verdict.details["nccl_loaded"].startswith("unknown (libnccl.so.2 is not loaded")
+        assert "torch's compiled NCCL; the loaded libnccl.so.2 could not be asked" in verdict.details["nccl_source"]
+    else:
+        assert verdict.details["nccl_loaded"] == decided and verdict.details["nccl_source"] == "the loaded libnccl.so.2"
+    if not available:
+        assert f"NCCL {decided} < 2.30.4" in verdict.reason
+
+
+def test_loaded_nccl_version_asks_the_library_torch_loaded():
+    from megatron_ep_plugins.backends._deepep_common import decode_nccl_version, loaded_nccl_version
+
+    assert decode_nccl_version(23007) == (2, 30, 7) and decode_nccl_version(2708) == (2, 7, 8)
+    assert decode_nccl_version((2, 30, 4)) == (2, 30, 4)
+    try:
+        version = loaded_nccl_version()
+    except RuntimeError as exc:  # e.g. a CPU-only torch: the reason says why
+        assert "libnccl.so.2" in str(exc) or "RTLD_NOLOAD" in str(exc)
+    else:
+        assert len(version) == 3 and all(isinstance(v, int) for v in version) and version >= (2, 0, 0)
 
 
 def test_registration():

@@ -2,17 +2,34 @@
 
 Not a backend and not a plugin: the ``legacy``, ``elastic`` and ``hybridep`` modules import it so they
 never import each other. Imports nothing heavy at module level.
+
+Hot-path contract of the adapters: a steady-state dispatch/combine costs one dict/set lookup of a call key
+(:func:`dispatch_key` / :func:`combine_key`: every value the argument checks and the kernels' size rules
+depend on, except the token count) plus the library calls. The full checks (:func:`check_dispatch_args` and
+each adapter's size rules, which raise :class:`~megatron_ep_plugins.errors.InvalidInputError` before any
+kernel runs) run once per key.
+
+The source citations in the adapters refer to DeepEP ``main`` at ``DEEPEP_MAIN`` (``deep_ep`` 2.1.0: V1
+``Buffer``, V2 ``ElasticBuffer``) and to the ``hybrid-ep`` branch at ``DEEPEP_HYBRID_EP``.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import InvalidInputError
 
-__all__ = ["ProbeFacts", "probe_deep_ep", "agree_on_inputs", "check_combine_args", "check_dispatch_args", "check_handle", "cuda_problem", "deep_ep_version", "import_event_classes"]
+__all__ = ["DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "ProbeFacts", "agree_on_inputs", "check_combine_args",
+           "check_dispatch_args", "check_handle", "check_torch_deterministic", "combine_key", "cuda_problem", "decode_nccl_version",
+           "deep_ep_version", "device_sm_count", "dispatch_key", "import_event_classes", "loaded_nccl_version",
+           "owned_weights", "probe_deep_ep", "rule_error"]
+
+#: The DeepEP commits whose sources the adapters' size rules (and the CPU test double) mirror.
+DEEPEP_MAIN = "dd758caf451848bd150e1046af3d0a73e5fff38d"  # deepseek-ai/DeepEP main, deep_ep 2.1.0
+DEEPEP_HYBRID_EP = "94a9f8f6b146c07d97ec58f67cd6d303296d6098"  # deepseek-ai/DeepEP branch hybrid-ep
 
 _EVENT_MODULES = ("deep_ep.utils", "deep_ep.utils.event", "deep_ep")
 
@@ -202,7 +219,137 @@ def check_combine_args(backend: str, x, num_recv: int, recv_topk_idx, topk_weigh
         raise InvalidInputError(f"backend {backend!r}: DeepEP combines bf16 rows, got {x.dtype}; cast to bf16")
     if topk_weights is None:
         return None
+    return owned_weights(recv_topk_idx, topk_weights)
+
+
+def owned_weights(recv_topk_idx, topk_weights):
+    """``topk_weights`` (float32) with the entries whose expert lives on another rank zeroed.
+
+    The one tensor op an adapter adds to dispatch's backward: DeepEP's combine sums every rank's entries, so
+    a gradient written into a slot this rank does not own would otherwise leak into the result.
+    """
     if topk_weights.shape != recv_topk_idx.shape:
         raise InvalidInputError(f"combine's topk_weights must have shape {tuple(recv_topk_idx.shape)}, "
                                 f"got {tuple(topk_weights.shape)}")
-    return torch.where(recv_topk_idx >= 0, topk_weights.float(), 0.0)
+    return topk_weights.float().masked_fill(recv_topk_idx < 0, 0.0)
+
+
+def check_torch_deterministic(backend: str) -> None:
+    """DeepEP main asserts this before every dispatch/combine (``deep_ep/utils/envs.py``
+    ``check_torch_deterministic``): ``torch.empty`` would then launch fill kernels racing its streams."""
+    import torch
+
+    if torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory:
+        raise InvalidInputError(
+            f"backend {backend!r}: DeepEP needs torch.utils.deterministic.fill_uninitialized_memory=False when "
+            "torch.use_deterministic_algorithms(True) is on, got both on; set "
+            "torch.utils.deterministic.fill_uninitialized_memory = False (or use the 'torch' backend)")
+
+
+# -- size rules and the per-call key ----------------------------------------------------------------------
+def rule_error(backend: str, library: str, need: str, got: str, fix: str) -> InvalidInputError:
+    """The error an adapter raises for a broken kernel rule: what needs what, what it got, what would work."""
+    return InvalidInputError(f"backend {backend!r}: {library} needs {need}, got {got}; {fix}")
+
+
+def dispatch_key(x, topk_idx, topk_weights, num_experts, group) -> Optional[tuple]:
+    """Everything a dispatch's checks and size rules depend on, except the token count; ``None`` when the
+    arguments are not even tensor-like (the full checks then say what is wrong).
+
+    Row agreement (``topk_idx``/``topk_weights``/FP8 scales have ``x``'s token count) is part of the key as
+    booleans, so a validated key also vouches for it. Costs attribute reads and one tuple: no device work.
+    """
+    try:
+        if x.__class__ is tuple:
+            data, scales = x
+            num_tokens = data.shape[0]
+            fp8 = (scales.dtype, scales.shape[1:], scales.shape[0] == num_tokens)
+        else:
+            data, fp8 = x, None
+            num_tokens = data.shape[0]
+        return (group, num_experts, data.dtype, data.shape[1:], fp8, topk_idx.dtype, topk_idx.shape[1:],
+                topk_weights.dtype, topk_weights.shape[1:], topk_idx.shape[0] == num_tokens,
+                topk_weights.shape[0] == num_tokens)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+
+
+def combine_key(x) -> Optional[tuple]:
+    """``(dtype, shape without the row count)`` of a combine/cached-dispatch input, ``None`` if not tensor-like."""
+    try:
+        if x.__class__ is tuple:
+            data, scales = x
+            return (data.dtype, data.shape[1:], scales.dtype, scales.shape[1:], scales.shape[0] == data.shape[0])
+        return (x.dtype, x.shape[1:])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+
+
+def device_sm_count(device) -> Optional[int]:
+    """Streaming multiprocessors of a CUDA ``device``; ``None`` for other devices (or when unreadable)."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    try:
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    except Exception:  # noqa: BLE001 - the rule is then left to the library
+        return None
+
+
+# -- NCCL version actually loaded -------------------------------------------------------------------------
+def decode_nccl_version(code: Any) -> tuple[int, int, int]:
+    """``NCCL_VERSION_CODE`` (``23007`` -> ``(2, 30, 7)``; before 2.9: ``2708`` -> ``(2, 7, 8)``) or a tuple."""
+    if isinstance(code, int):
+        if code >= 10000:
+            return code // 10000, code // 100 % 100, code % 100
+        return code // 1000, code // 100 % 10, code % 100
+    major, minor, patch = (int(v) for v in code)
+    return major, minor, patch
+
+
+def loaded_nccl_version() -> tuple[int, int, int]:
+    """The version of the ``libnccl.so.2`` this process has loaded, from its own ``ncclGetVersion``.
+
+    ``torch.cuda.nccl.version()`` reports the NCCL torch was *compiled* with, which is not the library that
+    runs when a newer ``nvidia-nccl`` wheel is installed (DeepEP V2 needs the loaded one to be >= 2.30.4).
+    ``import torch`` loads ``libnccl.so.2`` (else a CUDA init does); it is then looked up with
+    ``RTLD_NOLOAD``, so ctypes reuses torch's copy and never loads another one (a plain ``CDLL`` without
+    torch's copy in place would find the system's, possibly older, library). Raises :class:`RuntimeError`
+    with the reason when the loaded library cannot be asked (e.g. torch links NCCL statically).
+    """
+    import ctypes
+
+    import torch
+
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    if noload is None:
+        raise RuntimeError("this platform has no RTLD_NOLOAD: cannot tell which libnccl.so.2 torch loaded")
+    mode = noload | getattr(os, "RTLD_LAZY", 1)
+
+    def find():
+        try:
+            return ctypes.CDLL("libnccl.so.2", mode=mode)
+        except OSError:
+            return None
+
+    lib = find()
+    if lib is None:
+        try:
+            if torch.cuda.is_available():
+                torch.cuda.init()
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeError(f"libnccl.so.2 is not loaded and CUDA failed to initialise: {exc}") from None
+        lib = find()
+    if lib is None:
+        raise RuntimeError("libnccl.so.2 is not loaded in this process (torch may link NCCL statically, or is a "
+                           "CPU build): the loaded version cannot be asked")
+    try:
+        get_version = lib.ncclGetVersion
+    except AttributeError:
+        raise RuntimeError("the loaded libnccl.so.2 has no ncclGetVersion") from None
+    code = ctypes.c_int(0)
+    status = get_version(ctypes.byref(code))
+    if status != 0:
+        raise RuntimeError(f"ncclGetVersion failed with ncclResult_t {status}")
+    return decode_nccl_version(int(code.value))

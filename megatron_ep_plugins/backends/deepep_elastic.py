@@ -27,8 +27,41 @@ Safeguards (see ``backend-contract.md``, DeepEP V2 section):
 * ``num_allocated_qps`` from ``MCORE_EP_ELASTIC_NUM_QPS`` (0 = automatic; AWS EFA needs a small budget);
   ``allow_hybrid_mode`` from ``MCORE_EP_ELASTIC_HYBRID_MODE`` (``auto``: off when ``EP_DISABLE_GIN=1``).
 
-Note: V2 keeps a reference to ``topk_idx`` in its handle and asserts it is not modified in place until the
-handle's backward is done.
+* **Per-group buffers.** One ``ElasticBuffer`` (and its bucket) per process group, so two EP groups used
+  alternately never rebuild (a V2 rebuild re-JITs its kernels).
+* **Hot path.** The argument checks and the size rules below run once per call key (group, dtype, hidden,
+  top-k, experts; see ``_deepep_common``); a steady-state dispatch does one dict lookup, a token-count
+  comparison, the DeepEP call and Megatron's own ``torch.tensor(num_recv_tokens_per_expert_list)``.
+
+Size rules of the real kernels, checked up front (``InvalidInputError`` on every rank alike, before any
+DeepEP call: they only depend on values all ranks share). Sources: DeepEP ``main`` dd758caf (``deep_ep``
+2.1.0); a JIT ``static_assert`` fails as an NVCC compile error when the kernel is first built.
+
+* Combine: ``hidden % 256 == 0`` (``EP_STATIC_ASSERT(kHidden % (32 * sizeof(int4) / sizeof(nv_bfloat16))
+  == 0, "Invalid hidden")`` in ``deep_ep/include/deep_ep/impls/combine.cuh:109`` and
+  ``hybrid_combine.cuh:219``; the reduce epilogue's unroll factor, ``combine_utils.cuh:65`` /
+  ``combine_reduce_epilogue.cuh:100``). Checked at dispatch, since its tokens come back through combine
+  with the same hidden size (seen on 2 x H200: NVCC "Invalid hidden" at the first combine).
+* Dispatch: hidden bytes a multiple of 16 (``csrc/elastic/buffer.hpp:755``; implied by the rule above) and
+  ``ceil(hidden / 32) * 4 <= hidden`` (``buffer.hpp:660``, buffer sizing).
+* Combine takes bf16 rows: ``csrc/elastic/buffer.hpp:1203``.
+* Top-k <= 32: ``deep_ep/include/deep_ep/impls/dispatch.cuh:93`` / ``:315`` / ``:372``,
+  ``dispatch_copy_epilogue.cuh:97``, ``combine_reduce_epilogue.cuh:65``.
+* ``num_experts % R == 0``: ``deep_ep/include/deep_ep/impls/dispatch.cuh:47`` (JIT), ``csrc/elastic/buffer.hpp:805``,
+  ``deep_ep/buffers/elastic.py`` ``get_theoretical_num_sms``.
+* ``T <= num_max_tokens_per_rank``: ``csrc/elastic/buffer.hpp:756`` (handled by the bucket above).
+* SM count at most the device's (``csrc/elastic/buffer.hpp:979``); in hybrid mode (more than one scale-out
+  rank) at most 160 (``buffer.hpp:853``), ``experts per rank + scale-up ranks <= 128``
+  (``hybrid_dispatch.cuh:261``), at most 64 scale-up (``hybrid_combine.cuh:178``) and 32 scale-out ranks
+  (``hybrid_dispatch.cuh:336``).
+* FP8 scales of 4-byte elements: ``csrc/elastic/buffer.hpp:767`` (the adapter accepts float32).
+* Not with ``torch.use_deterministic_algorithms(True)`` plus ``fill_uninitialized_memory``:
+  ``deep_ep/utils/envs.py`` ``check_torch_deterministic``.
+* NCCL >= 2.30.4 loaded at run time (the probe asks the loaded ``libnccl.so.2``, not
+  ``torch.cuda.nccl.version()``, which is the NCCL torch was compiled with).
+
+Note: V2 clones ``topk_idx`` into its handle by default (``do_handle_copy=True``), so the caller may reuse
+its ``topk_idx`` after dispatch.
 """
 
 from __future__ import annotations
@@ -41,23 +74,77 @@ from ..config import read_bool, read_int, read_str
 from ..errors import ConfigError, InvalidInputError, RankMismatchError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
-from ._deepep_common import agree_on_inputs, check_combine_args, check_dispatch_args, check_handle, probe_deep_ep
+from . import _deepep_common
+from ._deepep_common import (agree_on_inputs, check_combine_args, check_dispatch_args, check_handle,
+                             check_torch_deterministic, combine_key, decode_nccl_version, device_sm_count,
+                             dispatch_key, owned_weights, probe_deep_ep, rule_error)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["DeepEPElasticBackend", "ElasticHandle", "ElasticSettings", "ep_register_backends", "read_settings"]
+__all__ = ["DeepEPElasticBackend", "ElasticHandle", "ElasticSettings", "check_v2_rules", "ep_register_backends",
+           "read_settings"]
 
 MIN_BUCKET = 256
 MIN_NCCL = (2, 30, 4)
 MIN_CAPABILITY = (9, 0)
+HIDDEN_ALIGNMENT = 256  # combine.cuh:109 "Invalid hidden"
+MAX_TOPK = 32
+MAX_HYBRID_SMS = 160  # buffer.hpp kNumMaxSMs
 GIN_HINT = ("if the ElasticBuffer constructor fails or crashes on a host without GPU-initiated networking "
             "(NVLink-only), set EP_DISABLE_GIN=1")
+_COMBINE, _CACHED = "combine", "cached"  # call-key tags
+_FALLBACK = "or the 'legacy'/'torch' backend"
 
 
 def bucket(num_tokens: int) -> int:
     """Next power of two >= ``num_tokens``, at least 256."""
     return max(MIN_BUCKET, 1 << max(0, int(num_tokens) - 1).bit_length())
+
+
+def check_v2_rules(world: int, hidden: int, elem_size: int, topk: int, num_experts: Optional[int],
+                   num_sms: Optional[int] = None, device_sms: Optional[int] = None, op: str = "dispatch",
+                   backend: str = "elastic") -> None:
+    """Raise :class:`InvalidInputError` when DeepEP V2 would reject these sizes (see the module docstring).
+
+    ``op``: ``"dispatch"`` (the rows come back through combine, so combine's rule applies too) or
+    ``"combine"``; ``num_experts`` ``None`` when the call has none (combine, cached dispatch).
+    """
+    if hidden % HIDDEN_ALIGNMENT:
+        raise rule_error(backend, "DeepEP V2 combine", f"hidden % {HIDDEN_ALIGNMENT} == 0", f"hidden={hidden}",
+                         f"use a hidden size that is a multiple of {HIDDEN_ALIGNMENT} {_FALLBACK}")
+    if (hidden * elem_size) % 16 or -(-hidden // 32) * 4 > hidden:  # implied by the rule above; kept explicit
+        raise rule_error(backend, f"DeepEP V2 {op}", "hidden bytes % 16 == 0", f"hidden={hidden}",
+                         f"use a hidden size that is a multiple of {HIDDEN_ALIGNMENT} {_FALLBACK}")
+    if topk > MAX_TOPK:
+        raise rule_error(backend, "DeepEP V2", f"top-k <= {MAX_TOPK}", f"topk={topk}",
+                         f"route each token to at most {MAX_TOPK} experts or use the 'torch' backend")
+    if num_experts is not None and num_experts % world:
+        raise rule_error(backend, "DeepEP V2", "num_experts % group size == 0",
+                         f"num_experts={num_experts} on {world} ranks", f"use a multiple of {world} experts")
+    if num_sms and device_sms is not None and num_sms > device_sms:
+        raise rule_error(backend, "DeepEP V2", f"num_sms <= the GPU's {device_sms} SMs", f"num_sms={num_sms}",
+                         "lower moe_flex_dispatcher_num_sms / MCORE_EP_ELASTIC_NUM_SMS")
+
+
+def check_v2_hybrid_rules(buffer, world: int, num_experts: int, num_sms: Optional[int],
+                          backend: str = "elastic") -> None:
+    """Rules of V2's hybrid (scale-out > 1) kernels, read from the built buffer's logical topology."""
+    scaleout = int(getattr(buffer, "num_scaleout_ranks", 1) or 1)
+    if scaleout <= 1:
+        return
+    scaleup = int(getattr(buffer, "num_scaleup_ranks", world) or world)
+    local = num_experts // world
+    fix = "use hybrid mode off (MCORE_EP_ELASTIC_HYBRID_MODE=0), fewer experts per rank " + _FALLBACK
+    if local + scaleup > 128:
+        raise rule_error(backend, "DeepEP V2 hybrid dispatch", "experts per rank + scale-up ranks <= 128",
+                         f"{local} + {scaleup}", fix)
+    if scaleup > 64 or scaleout > 32:
+        raise rule_error(backend, "DeepEP V2 hybrid mode", "at most 64 scale-up and 32 scale-out ranks",
+                         f"{scaleup} x {scaleout}", fix)
+    if num_sms and num_sms > MAX_HYBRID_SMS:
+        raise rule_error(backend, "DeepEP V2 hybrid mode", f"num_sms <= {MAX_HYBRID_SMS}", f"num_sms={num_sms}",
+                         "lower moe_flex_dispatcher_num_sms / MCORE_EP_ELASTIC_NUM_SMS")
 
 
 @dataclass(frozen=True)
@@ -107,6 +194,18 @@ class ElasticHandle:
     recv_topk_idx: "torch.Tensor"
     num_tokens: int
     num_recv: int
+    buffer_hidden: int = 0  # the hidden size that buffer was built for (combine/cached dispatch fit under it)
+
+
+@dataclass
+class _GroupState:
+    """One group's buffer and what it was built for; shared (mutated in place) by every call key of the group."""
+
+    buffer: Any = None
+    max_tokens: int = 0  # num_max_tokens_per_rank of buffer
+    hidden: int = 0
+    topk: int = 0
+    world: int = 0
 
 
 class DeepEPElasticBackend:
@@ -117,16 +216,20 @@ class DeepEPElasticBackend:
     def __init__(self) -> None:
         self.settings = read_settings()  # validate the environment before touching deep_ep
         import deep_ep
+        import torch
 
         cls = getattr(deep_ep, "ElasticBuffer", None)
         if cls is None:
             raise ImportError("deep_ep has no ElasticBuffer: this is a V1-only DeepEP; install DeepEP V2 "
                               "(PR #605 or later) or use the 'legacy' backend")
         self._ElasticBuffer = cls
+        self._tensor, self._int64 = torch.tensor, torch.int64
+        self._check_each = self.settings.check_each_dispatch
         self.num_sms: Optional[int] = self.settings.num_sms
-        self._buffer = None
-        self._shape: Optional[tuple] = None  # (group, max_tokens, hidden, topk) of self._buffer
-        self._pinned_checked: set[int] = set()
+        self._groups: dict[Any, _GroupState] = {}  # group -> its buffer (grown, never shrunk)
+        self._ready: dict[tuple, _GroupState] = {}  # validated dispatch key -> its group's state
+        self._ok: set[tuple] = set()  # validated combine / cached-dispatch keys
+        self._pinned_checked: set[Any] = set()  # groups whose pinned max tokens were compared across ranks
         self._agreed: set[Any] = set()  # groups whose first dispatch agreed on T/H/K
 
     # -- EPBackend -----------------------------------------------------------------------------
@@ -134,6 +237,8 @@ class DeepEPElasticBackend:
         if not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 0:
             raise InvalidInputError(f"num_sms={num_sms!r} is invalid: use a non-negative int (0 = automatic)")
         if self.settings.num_sms is None:  # MCORE_EP_ELASTIC_NUM_SMS wins
+            if (num_sms or None) != self.num_sms:
+                self._ready.clear()  # the SM-count rules are part of each key's validation
             self.num_sms = num_sms or None
 
     def agreement_key(self) -> Mapping[str, Any]:
@@ -158,9 +263,9 @@ class DeepEPElasticBackend:
             raise RankMismatchError(
                 f"MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK differs across the ranks of one group ({by_rank}); DeepEP V2 "
                 "needs the same num_max_tokens_per_rank on every rank: set the same value everywhere")
-        self._pinned_checked.add(id(group))
+        self._pinned_checked.add(group)
 
-    def _get_buffer(self, group, max_tokens: int, hidden: int, topk: int, device):
+    def _get_buffer(self, group, st: _GroupState, max_tokens: int, hidden: int, topk: int, device) -> _GroupState:
         s = self.settings
         want_hidden, want_topk = s.hidden or hidden, s.num_topk or topk
         if want_hidden < hidden or want_topk < topk:
@@ -168,7 +273,7 @@ class DeepEPElasticBackend:
                 f"dispatch input has hidden={hidden}, topk={topk}, above MCORE_EP_ELASTIC_HIDDEN={s.hidden} / "
                 f"MCORE_EP_ELASTIC_NUM_TOPK={s.num_topk}: raise them or unset them")
         if s.max_tokens_per_rank is not None:
-            if id(group) not in self._pinned_checked:
+            if group not in self._pinned_checked:
                 self._check_pinned(group, device)
             if max_tokens > s.max_tokens_per_rank:
                 raise InvalidInputError(
@@ -178,38 +283,54 @@ class DeepEPElasticBackend:
             need = s.max_tokens_per_rank
         else:
             need = bucket(max_tokens)
-        if self._shape is not None:
-            g, m, h, k = self._shape
-            if g is group and m >= need and h >= want_hidden and k >= want_topk:
-                return self._buffer
-            if g is group and s.max_tokens_per_rank is None:
-                need = max(need, m)  # grow, never shrink: keep the compiled kernel's bucket
+        if st.buffer is not None:
+            if st.max_tokens >= need and st.hidden >= want_hidden and st.topk >= want_topk:
+                return st
+            # grow, never shrink: keep the compiled kernels' bucket and sizes
+            need = max(need, st.max_tokens) if s.max_tokens_per_rank is None else need
+            want_hidden, want_topk = max(want_hidden, st.hidden), max(want_topk, st.topk)
         num_bytes = None
         hint = getattr(self._ElasticBuffer, "get_buffer_size_hint", None)
         if hint is not None:
             num_bytes = hint(group, need, want_hidden, num_topk=want_topk, use_fp8_dispatch=s.fp8,
                              allow_hybrid_mode=s.hybrid_mode)
-        self._buffer = self._ElasticBuffer(
+        st.buffer = self._ElasticBuffer(
             group, num_bytes=num_bytes, num_max_tokens_per_rank=need, hidden=want_hidden, num_topk=want_topk,
             use_fp8_dispatch=s.fp8, deterministic=s.deterministic, allow_hybrid_mode=s.hybrid_mode,
             num_allocated_qps=s.num_qps)
-        self._shape = (group, need, want_hidden, want_topk)
-        return self._buffer
+        st.max_tokens, st.hidden, st.topk = need, want_hidden, want_topk
+        return st
 
-    def _agree(self, group, num_tokens, hidden, topk, topk_idx, num_experts, device) -> int:
-        """Agree on the group's largest T (and fail together on bad input); remember the group."""
-        max_t = agree_on_inputs(self.name, group, num_tokens, hidden, topk, topk_idx, num_experts, device)
-        self._agreed.add(group)
-        return max_t
+    def _state(self, group) -> _GroupState:
+        st = self._groups.get(group)
+        if st is None:
+            st = self._groups[group] = _GroupState(world=group.size())
+        return st
 
-    # -- operations ----------------------------------------------------------------------------
-    def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
-                 allocate_on_comm_stream=False) -> DispatchResult:
-        import torch
-        import torch.distributed as dist
+    def _overflow(self, num_tokens: int, limit: int) -> InvalidInputError:
+        if self.settings.max_tokens_per_rank is not None:
+            return InvalidInputError(
+                f"backend 'elastic': {num_tokens} tokens on this rank, more than "
+                f"MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK={limit} (detected on this rank only, before any DeepEP "
+                f"call): set MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK to at least {num_tokens} (the same value on every "
+                "rank), or unset it to size the buffer automatically")
+        return InvalidInputError(
+            f"backend 'elastic': {num_tokens} tokens exceed the num_max_tokens_per_rank={limit} agreed at the first "
+            "dispatch (detected on this rank only, before any DeepEP call). Pin MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK "
+            f"to the largest token count of the run (e.g. MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK={bucket(num_tokens)} "
+            "on every rank), or set MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1 to let all ranks grow the buffer together")
 
-        data, topk_idx, is_fp8 = check_dispatch_args(self.name, x, topk_idx, topk_weights, num_experts,
-                                                      dist.get_world_size(group))
+    def _lookup(self, key) -> Optional[_GroupState]:
+        try:
+            return self._ready.get(key)
+        except TypeError:  # unhashable argument: the full checks will say what is wrong
+            return None
+
+    def _prepare_dispatch(self, key, x, topk_idx, topk_weights, num_experts, group) -> _GroupState:
+        """Slow path, once per call key (and every call with the per-dispatch check): the full argument checks,
+        the cross-rank header (first dispatch of a group), the V2 size rules, the group's buffer."""
+        st = self._state(group)
+        data, topk_idx, is_fp8 = check_dispatch_args(self.name, x, topk_idx, topk_weights, num_experts, st.world)
         if is_fp8 != self.settings.fp8:
             raise InvalidInputError(
                 "backend 'elastic': FP8 (e4m3, scales) input needs a buffer built for it: set "
@@ -219,17 +340,60 @@ class DeepEPElasticBackend:
         num_tokens, hidden = data.shape
         topk = topk_idx.shape[1]
         device = data.device
-        if self.settings.check_each_dispatch or group not in self._agreed:
-            max_t = self._agree(group, num_tokens, hidden, topk, topk_idx, num_experts, device)
-        else:  # steady state: no collective, no host sync; only a free local bound check
+        if self._check_each or group not in self._agreed:
+            # first: every rank learns the same T/H/K, so the rules below fail on all ranks alike
+            max_t = agree_on_inputs(self.name, group, num_tokens, hidden, topk, topk_idx, num_experts, device)
+            self._agreed.add(group)
+        else:
             max_t = num_tokens
-            limit = self._shape[1] if self._shape is not None else 0
-            if num_tokens > limit:
-                raise InvalidInputError(
-                    f"backend 'elastic': {num_tokens} tokens exceed the num_max_tokens_per_rank={limit} agreed at the "
-                    "first dispatch. Pin MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK to the largest token count of the run, "
-                    "or set MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1 to let all ranks grow the buffer together")
-        buffer = self._get_buffer(group, max_t, hidden, topk, device)
+            if st.buffer is not None and num_tokens > st.max_tokens:
+                raise self._overflow(num_tokens, st.max_tokens)
+        check_torch_deterministic(self.name)
+        check_v2_rules(st.world, hidden, data.element_size(), topk, num_experts, self.num_sms,
+                       device_sm_count(device))
+        self._get_buffer(group, st, max_t, hidden, topk, device)
+        check_v2_hybrid_rules(st.buffer, st.world, num_experts, self.num_sms)
+        try:
+            self._ready[key] = st
+        except TypeError:
+            pass
+        return st
+
+    def _check_tokens(self, key, x, h: ElasticHandle, op: str) -> None:
+        """Slow path of combine / cached dispatch, once per call key."""
+        import torch
+
+        data = x[0] if isinstance(x, tuple) else x
+        if not isinstance(data, torch.Tensor) or data.dim() != 2:
+            raise InvalidInputError(f"backend {self.name!r}: {op} expects x of shape [N, H], got "
+                                    f"{getattr(data, 'shape', type(data).__name__)!r}")
+        if op == "combine" and (isinstance(x, tuple) or data.dtype != torch.bfloat16):
+            raise InvalidInputError(f"backend {self.name!r}: DeepEP combines bf16 rows, got "
+                                    f"{'an FP8 pair' if isinstance(x, tuple) else data.dtype}; cast to bf16")
+        if op != "combine" and not isinstance(x, tuple) and data.dtype != torch.bfloat16:
+            raise InvalidInputError(f"backend {self.name!r}: DeepEP dispatches bf16 tokens (or an FP8 (e4m3, "
+                                    f"scales) pair), got {data.dtype}; cast x to torch.bfloat16")
+        if data.shape[1] > h.buffer_hidden:
+            raise InvalidInputError(f"backend {self.name!r}: {op} got hidden={data.shape[1]}, above the hidden size "
+                                    f"{h.buffer_hidden} of the buffer that made this handle; pass the dispatch's "
+                                    "hidden size")
+        check_torch_deterministic(self.name)
+        check_v2_rules(1, data.shape[1], data.element_size(), 0, None, op="combine" if op == "combine" else "dispatch")
+        self._ok.add(key)
+
+    # -- operations ----------------------------------------------------------------------------
+    def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
+                 allocate_on_comm_stream=False) -> DispatchResult:
+        key = dispatch_key(x, topk_idx, topk_weights, num_experts, group)
+        st = self._lookup(key)
+        if st is None or self._check_each:
+            st = self._prepare_dispatch(key, x, topk_idx, topk_weights, num_experts, group)
+        num_tokens = (x[0] if x.__class__ is tuple else x).shape[0]
+        if num_tokens > st.max_tokens:  # steady state: no collective, no host sync; a free local bound check
+            raise self._overflow(num_tokens, st.max_tokens)
+        if topk_idx.dtype is not self._int64:
+            topk_idx = topk_idx.long()
+        buffer = st.buffer
         previous = buffer.capture() if allocate_on_comm_stream else None
         recv_x, recv_idx, recv_w, raw, event = buffer.dispatch(
             x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts, num_sms=self.num_sms or 0,
@@ -237,24 +401,27 @@ class DeepEPElasticBackend:
             allocate_on_comm_stream=allocate_on_comm_stream, do_expand=False)
         if async_finish:
             event.current_stream_wait()
-        num_recv = (recv_x[0] if isinstance(recv_x, tuple) else recv_x).shape[0]
-        tokens_per_expert = torch.tensor(list(raw.num_recv_tokens_per_expert_list), dtype=torch.int64)
-        handle = ElasticHandle(raw, buffer, recv_idx, num_tokens, num_recv)
+        num_recv = (recv_x[0] if recv_x.__class__ is tuple else recv_x).shape[0]
+        tokens_per_expert = self._tensor(raw.num_recv_tokens_per_expert_list, dtype=self._int64)
+        handle = ElasticHandle(raw, buffer, recv_idx, num_tokens, num_recv, st.hidden)
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
-        h = check_handle(handle, ElasticHandle, "elastic")
-        data = x[0] if isinstance(x, tuple) else x
-        if data.dim() != 2 or data.shape[0] != h.num_tokens:
+        h = handle if handle.__class__ is ElasticHandle else check_handle(handle, ElasticHandle, self.name)
+        key = (_CACHED, combine_key(x), h.buffer_hidden)
+        if key not in self._ok:
+            self._check_tokens(key, x, h, "dispatch with a cached handle")
+        data = x[0] if x.__class__ is tuple else x
+        if data.shape[0] != h.num_tokens:
             raise InvalidInputError(
                 f"dispatch with a cached handle expects x of shape [{h.num_tokens}, H] (the token count of the "
                 f"dispatch that made the handle), got {tuple(data.shape)}")
-        if not isinstance(x, tuple):
+        if data is x:
             x = x.contiguous()
         buffer = h.buffer
         previous = buffer.capture() if allocate_on_comm_stream else None
         recv_x, _, _, _, event = buffer.dispatch(
-            x, handle=h.raw, num_experts=h.raw.num_experts, num_sms=getattr(h.raw, "num_sms", 0),
+            x, handle=h.raw, num_experts=h.raw.num_experts, num_sms=h.raw.num_sms,
             previous_event=previous, async_with_compute_stream=async_finish,
             allocate_on_comm_stream=allocate_on_comm_stream, do_expand=False)
         if async_finish:
@@ -262,8 +429,15 @@ class DeepEPElasticBackend:
         return recv_x
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
-        h = check_handle(handle, ElasticHandle, "elastic")
-        topk_weights = check_combine_args(self.name, x, h.num_recv, h.recv_topk_idx, topk_weights)
+        h = handle if handle.__class__ is ElasticHandle else check_handle(handle, ElasticHandle, self.name)
+        key = (_COMBINE, combine_key(x), h.buffer_hidden)
+        if key not in self._ok:
+            check_combine_args(self.name, x, h.num_recv, h.recv_topk_idx, None)
+            self._check_tokens(key, x, h, "combine")
+        if x.shape[0] != h.num_recv:
+            check_combine_args(self.name, x, h.num_recv, h.recv_topk_idx, None)  # raises with the shapes
+        if topk_weights is not None:
+            topk_weights = owned_weights(h.recv_topk_idx, topk_weights)
         buffer = h.buffer
         previous = buffer.capture() if allocate_on_comm_stream else None
         combined, combined_w, event = buffer.combine(
@@ -275,16 +449,38 @@ class DeepEPElasticBackend:
 
 
 def _version_tuple(value: Any) -> tuple[int, ...]:
-    if isinstance(value, int):  # NCCL_VERSION_CODE, e.g. 23004
-        return (value // 10000, value // 100 % 100, value % 100) if value >= 10000 else (value // 1000,
-                                                                                          value // 100 % 10,
-                                                                                          value % 100)
-    return tuple(int(v) for v in value)
+    return decode_nccl_version(value)
+
+
+def _nccl_facts(problems: list, details: dict) -> None:
+    """Report the NCCL torch was compiled with and the one loaded; decide on the loaded one."""
+    import torch
+
+    compiled = None
+    try:
+        compiled = decode_nccl_version(torch.cuda.nccl.version())
+        details["nccl_compiled"] = ".".join(map(str, compiled))
+    except Exception as exc:  # noqa: BLE001
+        details["nccl_compiled"] = f"unknown ({exc})"
+    try:
+        loaded = _deepep_common.loaded_nccl_version()  # via the module: tests and tools may replace it
+        details["nccl_loaded"] = ".".join(map(str, loaded))
+        decided, source = loaded, "the loaded libnccl.so.2"
+    except Exception as exc:  # noqa: BLE001 - fall back, saying why
+        details["nccl_loaded"] = f"unknown ({exc})"
+        decided, source = compiled, f"torch's compiled NCCL; the loaded libnccl.so.2 could not be asked: {exc}"
+    if decided is None:
+        problems.append(f"cannot read the NCCL version: loaded {details['nccl_loaded']}, torch.cuda.nccl.version() "
+                        f"{details['nccl_compiled']}")
+        return
+    details["nccl"] = ".".join(map(str, decided))
+    details["nccl_source"] = source
+    if decided < MIN_NCCL:
+        problems.append(f"NCCL {details['nccl']} < 2.30.4 ({source}): DeepEP V2 needs NCCL >= 2.30.4 (GIN) at run "
+                        "time; install nvidia-nccl >= 2.30.4 so that torch loads it")
 
 
 def _probe() -> Availability:
-    import torch
-
     facts = probe_deep_ep("ElasticBuffer", "install DeepEP V2, https://github.com/deepseek-ai/DeepEP",
                           "deep_ep has no ElasticBuffer: this DeepEP is V1-only; install DeepEP V2 (PR #605 or "
                           "later) or use the 'legacy' backend", "DeepEP V2 needs an SM90+ GPU (Hopper or newer)",
@@ -295,14 +491,7 @@ def _probe() -> Availability:
     except ConfigError as exc:
         problems.append(str(exc))
     if facts.has_gpu:
-        try:
-            nccl = _version_tuple(torch.cuda.nccl.version())
-            details["nccl"] = ".".join(map(str, nccl))
-            if nccl < MIN_NCCL:
-                problems.append(f"NCCL {details['nccl']} < 2.30.4: DeepEP V2 needs NCCL >= 2.30.4 (GIN); install "
-                                "a newer nvidia-nccl and a torch built against it")
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"cannot read the NCCL version (torch.cuda.nccl.version()): {exc}")
+        _nccl_facts(problems, details)
     gin = os.environ.get("EP_DISABLE_GIN")
     details["EP_DISABLE_GIN"] = gin if gin is not None else "unset"
     if gin is None:

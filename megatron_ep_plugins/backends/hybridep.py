@@ -1,7 +1,7 @@
 """Backend ``hybridep``: DeepEP's ``HybridEPBuffer`` (branch ``hybrid-ep``) adapted to the token-major contract.
 
 HybridEP's non-permute ``dispatch``/``combine`` differ from the contract in three ways; the adapter bridges
-them (tested against a CPU emulator only, never on real HybridEP hardware):
+them:
 
 * **Equal token counts.** HybridEP all-gathers routing maps and hangs when ranks pass different T. The
   adapter agrees on the largest T with one ``all_reduce(MAX)`` per dispatch and pads every rank's tokens to
@@ -12,16 +12,47 @@ them (tested against a CPU emulator only, never on real HybridEP hardware):
 * **No per-slot routing on the receiving side.** HybridEP returns probs per expert, not the token's top-k
   slots. The adapter appends each token's global expert ids to its row (``int16`` bits viewed as the row's
   2-byte dtype; HybridEP moves rows bit-exactly), so the receiver rebuilds ``recv_topk_idx`` slot by slot;
-  weights come from the dispatched probs. The same extra columns ride along (zeros) in combine and cached
-  dispatch so the buffer's hidden size never changes.
+  weights come from the dispatched probs. The id columns are padded to 16 elements, so the row width keeps
+  the hidden size's alignment; the same columns ride along (zeros) in combine and cached dispatch so the
+  buffer's hidden size never changes.
 
-Buffer: ``max_num_of_tokens_per_rank`` from ``MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK`` or the agreed largest T
-rounded up to a multiple of 64 (grown, on every rank together, when a larger T arrives). Only bf16/fp16
-tokens (HybridEP moves 2-byte elements); FP8 is not supported by this adapter.
+The real Python object (``deep_ep/hybrid_ep_buffer.py`` at 94a9f8f6) is called with its exact signature:
+``HybridEPBuffer(group, hidden_dim, max_num_of_tokens_per_rank, num_local_experts, use_fp8, num_sms_...)``;
+``dispatch(hidden=, routing_map=, probs=, num_of_experts=)`` (``num_of_experts`` also with a cached ``handle``:
+it is asserted whenever ``routing_map`` is None); ``combine(hidden=, probs=, handle=)``. The object has no
+``num_local_experts``/``hidden_dim`` attributes: the adapter keeps the experts per rank and the buffer's
+width itself and reads only ``num_of_hybrid_ep_ranks_per_nvlink_domain`` and ``local_rank``, which it has.
+
+Buffer: one per process group, ``max_num_of_tokens_per_rank`` from ``MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK`` or
+the agreed largest T rounded up to a multiple of 64 (grown, on every rank together, when a larger T arrives).
+Only bf16 tokens (HybridEP moves 2-byte elements); FP8 is not supported by this adapter. Hot path: the
+argument checks and size rules run once per call key (see ``_deepep_common``); every dispatch still does the
+T agreement (HybridEP needs equal T) and the routing-map construction above.
+
+Size rules of the real library, checked up front (``InvalidInputError`` on every rank alike, after the
+rank agreement). Sources: DeepEP branch ``hybrid-ep`` 94a9f8f6.
+
+* Buffer config (``csrc/hybrid_ep/config.cuh`` ``BufferConfig::is_valid``, lines 84-101, thrown as
+  "The buffer config is not valid." by ``Configurer`` at :398; the per-dispatch template config repeats the
+  checks at :161-178, asserted in ``deep_ep/hybrid_ep_buffer.py:162`` "The config is not valid."):
+  bf16 ``hidden_dim % 16 == 0`` (:89; FP8 ``% 512`` at :87), ``(num_local_experts x ranks per NVLink
+  domain) % 4 == 0`` (:91), ``(NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API x ranks per domain) % 4 == 0`` (:93,
+  chunk 64 by default), and with more than one NVLink domain ``3 x max tokens + 1 < 65536`` (:22-48, the
+  max tokens first padded to ``max(T, 512)`` rounded up to the combine chunk, :386).
+* ``group size % ranks per NVLink domain == 0``: ``deep_ep/hybrid_ep_buffer.py:74``. Ranks per domain =
+  ``NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN`` if set, else the NVLink-accessible ranks (:61-72); the
+  adapter predicts the whole group (it declares ``internode=False``) and reports the real verdict too.
+* SM counts at most the device's: ``csrc/hybrid_ep/config.cuh:371`` (``assert(sm_count >= sms_dispatch ...)``).
+* ``num_of_experts`` required without a ``routing_map``, also with a handle: ``hybrid_ep_buffer.py:197``.
+* Routing-map width = experts per rank x ranks per domain x domains: ``csrc/hybrid_ep/executor/executor.cu:35``.
+* Equal T on every rank (all-gathered routing maps, ``executor.cu`` ``allgather_routing_map``) and no ``-1``
+  (``indices_to_map`` scatters): handled by the padding / routing map above.
+* Expert ids travel as int16: at most 32767 experts (this adapter).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
@@ -29,16 +60,65 @@ from ..config import read_int
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
-from ._deepep_common import agree_on_inputs, check_dispatch_args, check_handle, probe_deep_ep
+from ._deepep_common import (agree_on_inputs, check_dispatch_args, check_handle, device_sm_count, dispatch_key,
+                             probe_deep_ep, rule_error)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["HybridEPBackend", "HybridEPHandle", "ep_register_backends"]
+__all__ = ["HybridEPBackend", "HybridEPHandle", "check_hybridep_rules", "ep_register_backends"]
 
 TOKEN_ALIGNMENT = 64  # Megatron's HYBRIDEP_TOKEN_ALIGNMENT
-_ID_COL_ALIGN = 8  # pad the appended id columns to 16 bytes
+_ID_COL_ALIGN = 16  # pad the appended id columns to 16 elements: the width keeps hidden's % 16
 _MAX_EXPERTS = 32767  # expert ids travel as int16
+_MIN_BUFFER_TOKENS = 512  # config.cuh:386
+_QP_MAX_TX_DEPTH = 65536  # config.cuh:18-20
+_FALLBACK = "or the 'legacy'/'torch' backend"
+
+
+def _padded_max_tokens(max_tokens: int, chunk_combine: int) -> int:
+    """What ``Configurer`` makes of ``max_num_of_tokens_per_rank`` (``config.cuh:386``)."""
+    n = max(max_tokens, _MIN_BUFFER_TOKENS)
+    return -(-n // chunk_combine) * chunk_combine if chunk_combine > 0 else n
+
+
+def check_hybridep_rules(world: int, hidden: int, num_experts: int, ranks_per_domain: int, chunk_dispatch: int = 64,
+                         chunk_combine: int = 64, max_tokens: Optional[int] = None, num_sms: Optional[int] = None,
+                         device_sms: Optional[int] = None, backend: str = "hybridep") -> None:
+    """Raise :class:`InvalidInputError` when ``HybridEPBuffer`` would reject this configuration (module doc).
+
+    ``hidden`` is the user's hidden size (the adapter's row width adds a multiple of 16 to it).
+    """
+    if num_experts > _MAX_EXPERTS:
+        raise rule_error(backend, "the hybridep adapter (int16 expert ids)", f"num_experts <= {_MAX_EXPERTS}",
+                         f"num_experts={num_experts}", f"use fewer experts {_FALLBACK}")
+    if ranks_per_domain <= 0 or world % ranks_per_domain:
+        raise rule_error(backend, "HybridEP", "group size % ranks per NVLink domain == 0",
+                         f"{world} ranks, {ranks_per_domain} per domain",
+                         "fix NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN (or unset it)")
+    local = num_experts // world
+    if hidden % 16:
+        raise rule_error(backend, "HybridEP's buffer config", "bf16 hidden_dim % 16 == 0 (TMA)", f"hidden={hidden}",
+                         f"use a hidden size that is a multiple of 16 {_FALLBACK}")
+    if (local * ranks_per_domain) % 4:
+        raise rule_error(backend, "HybridEP's buffer config", "(experts per rank x ranks per NVLink domain) % 4 "
+                         "== 0", f"{local} x {ranks_per_domain} (num_experts={num_experts} on {world} ranks)",
+                         "use a number of experts per rank that makes the product a multiple of 4 " + _FALLBACK)
+    if (chunk_dispatch * ranks_per_domain) % 4:
+        raise rule_error(backend, "HybridEP's buffer config", "(NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API x ranks per "
+                         "NVLink domain) % 4 == 0", f"{chunk_dispatch} x {ranks_per_domain}",
+                         "set NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API to a multiple of 4 (default 64)")
+    nodes = world // ranks_per_domain
+    if max_tokens is not None and nodes > 1:
+        padded = _padded_max_tokens(max_tokens, chunk_combine)
+        if 3 * padded + 1 >= _QP_MAX_TX_DEPTH:
+            limit = (_QP_MAX_TX_DEPTH - 2) // 3
+            raise rule_error(backend, "HybridEP across NVLink domains", f"max tokens per rank <= {limit} (IB QP "
+                             "depth)", f"{padded} (padded from {max_tokens})",
+                             "lower the tokens per rank or MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK")
+    if num_sms and device_sms is not None and num_sms > device_sms:
+        raise rule_error(backend, "HybridEP", f"num_sms <= the GPU's {device_sms} SMs", f"num_sms={num_sms}",
+                         "lower moe_flex_dispatcher_num_sms")
 
 
 @dataclass
@@ -53,6 +133,22 @@ class HybridEPHandle:
     width: int  # hidden + id columns
     num_experts: int
     prob_offset: int  # first column of this rank's experts in the dispatched probs
+    local_experts: int = 0  # experts per rank
+    probs_width: int = 0  # columns of HybridEP's per-rank probs: local experts x ranks per NVLink domain
+
+
+@dataclass
+class _GroupState:
+    """One group's buffer and the facts read from it once (never from attributes the real object lacks)."""
+
+    world: int
+    rank: int
+    buffer: Any = None
+    max_tokens: int = 0
+    width: int = 0
+    local: int = 0
+    ranks_per_domain: int = 0
+    prob_offset: int = 0
 
 
 class HybridEPBackend:
@@ -62,25 +158,45 @@ class HybridEPBackend:
 
     def __init__(self) -> None:
         self._pinned = read_int("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", minimum=1)
+        # HybridEP's own knobs (read by its C++ Configurer); only used here to predict its validity rules
+        self._domain_env = _env_int("NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN")
+        self._chunk_dispatch = _env_int("NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API") or 64
+        self._chunk_combine = _env_int("NUM_OF_TOKENS_PER_CHUNK_COMBINE_API") or 64
         import deep_ep
+        import torch
 
+        self._torch = torch
         cls = getattr(deep_ep, "HybridEPBuffer", None)
         if cls is None:
             raise ImportError("deep_ep has no HybridEPBuffer: install DeepEP from its 'hybrid-ep' branch")
         self._HybridEPBuffer = cls
         self.num_sms: Optional[int] = None
-        self._buffer = None
-        self._shape: Optional[tuple] = None  # (group, max_tokens, width, local_experts)
+        self._groups: dict[Any, _GroupState] = {}
+        self._ok: set[tuple] = set()  # validated dispatch keys
 
     def set_num_sms(self, num_sms: int) -> None:
         if not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms <= 0:
             raise InvalidInputError(f"num_sms={num_sms!r} is invalid: use a positive int")
+        if num_sms != self.num_sms:
+            self._ok.clear()  # the SM-count rule is part of each key's validation
         self.num_sms = num_sms  # used for the next buffer (HybridEP fixes SM counts at construction)
 
     def agreement_key(self) -> Mapping[str, Any]:
         return {"algorithm": "deep_ep.HybridEPBuffer", "max_tokens_per_rank": self._pinned, "num_sms": self.num_sms}
 
-    def _get_buffer(self, group, max_tokens: int, width: int, local: int):
+    def _state(self, group) -> _GroupState:
+        st = self._groups.get(group)
+        if st is None:
+            import torch.distributed as dist
+
+            st = self._groups[group] = _GroupState(world=dist.get_world_size(group), rank=dist.get_rank(group))
+        return st
+
+    def _ranks_per_domain(self, world: int) -> int:
+        return self._domain_env or world
+
+    def _get_buffer(self, group, st: _GroupState, max_tokens: int, width: int, local: int, hidden: int,
+                    num_experts: int) -> _GroupState:
         if self._pinned is not None:
             if max_tokens > self._pinned:
                 raise InvalidInputError(
@@ -89,37 +205,62 @@ class HybridEPBackend:
             need = self._pinned
         else:
             need = -(-max(max_tokens, 1) // TOKEN_ALIGNMENT) * TOKEN_ALIGNMENT
-        if self._shape is not None:
-            g, m, w, e = self._shape
-            if g is group and m >= need and w == width and e == local:
-                return self._buffer
-            if g is group:
-                need = max(need, m)
+        if st.buffer is not None:
+            if st.max_tokens >= need and st.width == width and st.local == local:
+                return st
+            if st.width == width and st.local == local:
+                need = max(need, st.max_tokens)  # grow, never shrink
+        check_hybridep_rules(st.world, hidden, num_experts, self._ranks_per_domain(st.world), self._chunk_dispatch,
+                             self._chunk_combine, need)
         kwargs = {}
         if self.num_sms is not None:
             kwargs = {"num_sms_dispatch_api": self.num_sms, "num_sms_combine_api": self.num_sms}
-        self._buffer = self._HybridEPBuffer(group=group, hidden_dim=width, max_num_of_tokens_per_rank=need,
-                                            num_local_experts=local, use_fp8=False, **kwargs)
-        self._shape = (group, need, width, local)
-        return self._buffer
+        try:
+            buffer = self._HybridEPBuffer(group=group, hidden_dim=width, max_num_of_tokens_per_rank=need,
+                                          num_local_experts=local, use_fp8=False, **kwargs)
+        except RuntimeError as exc:
+            if "config is not valid" not in str(exc):
+                raise
+            raise InvalidInputError(
+                f"backend 'hybridep': HybridEPBuffer rejected its buffer config ({exc}): it needs bf16 hidden_dim "
+                "% 16 == 0, (experts per rank x ranks per NVLink domain) % 4 == 0 and (tokens per dispatch chunk x "
+                f"ranks per domain) % 4 == 0; got hidden_dim={width} (hidden {hidden} + expert-id columns), "
+                f"{local} experts per rank, ranks per domain predicted {self._ranks_per_domain(st.world)} (HybridEP "
+                "detects them: set NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN if the prediction is wrong); use a "
+                "valid configuration " + _FALLBACK) from None
+        rpd = int(buffer.num_of_hybrid_ep_ranks_per_nvlink_domain)
+        local_rank = getattr(buffer, "local_rank", None)
+        st.buffer, st.max_tokens, st.width, st.local, st.ranks_per_domain = buffer, need, width, local, rpd
+        st.prob_offset = int(local_rank if local_rank is not None else st.rank % rpd) * local
+        return st
 
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
-        import torch
-        import torch.distributed as dist
-
-        world = dist.get_world_size(group)
-        me = dist.get_rank(group)
-        _check_dispatch_args(x, topk_idx, topk_weights, num_experts, world)
-        topk_idx = topk_idx.long()
+        torch = self._torch
+        st = self._state(group)
+        key = dispatch_key(x, topk_idx, topk_weights, num_experts, group)
+        try:
+            valid = key is not None and key in self._ok
+        except TypeError:
+            valid = False
+        if not valid:  # slow path, once per key: argument checks (local)
+            check_dispatch_args(self.name, x, topk_idx, topk_weights, num_experts, st.world, fp8=False)
+        if topk_idx.dtype is not torch.int64:
+            topk_idx = topk_idx.long()
         num_tokens, hidden = x.shape
         topk = topk_idx.shape[1]
-        local = num_experts // world
+        local = num_experts // st.world
         device = x.device
         max_t = agree_on_inputs(self.name, group, num_tokens, hidden, topk, topk_idx, num_experts, device)
+        if not valid:  # after the agreement every rank has the same sizes: the rules fail on all ranks alike
+            check_hybridep_rules(st.world, hidden, num_experts, self._ranks_per_domain(st.world),
+                                 self._chunk_dispatch, self._chunk_combine, num_sms=self.num_sms,
+                                 device_sms=device_sm_count(device))
+            self._ok.add(key)
         id_cols = -(-topk // _ID_COL_ALIGN) * _ID_COL_ALIGN
         width = hidden + id_cols
-        buffer = self._get_buffer(group, max_t, width, local)
+        self._get_buffer(group, st, max_t, width, local, hidden, num_experts)
+        buffer, me = st.buffer, st.rank
 
         # pad to the agreed T; masked (-1) and padded entries select no expert
         ids = torch.full((max_t, id_cols), -1, dtype=torch.int16, device=device)
@@ -127,49 +268,49 @@ class HybridEPBackend:
         rows = torch.zeros(max_t, width, dtype=x.dtype, device=device)
         rows[:num_tokens, :hidden] = x
         rows[:, hidden:] = ids.view(x.dtype)
-        valid = topk_idx >= 0
+        valid_idx = topk_idx >= 0
         safe = topk_idx.clamp(min=0)
         # scatter_add_ so that a clamped -1 (adding 0 at column 0) never hides a real entry
         hits = torch.zeros(max_t, num_experts, dtype=torch.int32, device=device)
-        hits[:num_tokens].scatter_add_(1, safe, valid.to(torch.int32))
+        hits[:num_tokens].scatter_add_(1, safe, valid_idx.to(torch.int32))
         routing_map = hits > 0
         probs = torch.zeros(max_t, num_experts, dtype=torch.float32, device=device)
-        probs[:num_tokens].scatter_add_(1, safe, torch.where(valid, topk_weights, 0.0))
+        probs[:num_tokens].scatter_add_(1, safe, torch.where(valid_idx, topk_weights, 0.0))
 
-        tokens, dprobs, _, raw = buffer.dispatch(hidden=rows, routing_map=routing_map, probs=probs)
+        tokens, dprobs, _, raw = buffer.dispatch(hidden=rows, routing_map=routing_map, probs=probs,
+                                                 num_of_experts=num_experts)
         recv_x = tokens[:, :hidden].contiguous()
         gids = tokens[:, hidden:hidden + topk].contiguous().view(torch.int16).long()
         owned = (gids >= 0) & (gids // local == me)
         recv_idx = torch.where(owned, gids - me * local, -1)
-        offset = _prob_offset(buffer, me, local)
+        offset = st.prob_offset
         recv_w = torch.where(owned, dprobs.gather(1, offset + recv_idx.clamp(min=0)), 0.0)
         tokens_per_expert = torch.bincount(recv_idx[owned], minlength=local).to(torch.int64).cpu()
         handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, width, num_experts,
-                                offset)
+                                offset, local, local * st.ranks_per_domain)
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
-        import torch
-
+        torch = self._torch
         h = check_handle(handle, HybridEPHandle, "hybridep")
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape != (h.num_tokens, h.hidden):
             raise InvalidInputError(f"dispatch with a cached handle expects x of shape [{h.num_tokens}, {h.hidden}], "
                                     f"got {tuple(getattr(x, 'shape', ()))}")
-        _check_dtype(x)
+        _check_dtype(x, torch.bfloat16)
         rows = torch.zeros(h.padded_tokens, h.width, dtype=x.dtype, device=x.device)
         rows[:h.num_tokens, :h.hidden] = x
-        tokens, _, _, _ = h.buffer.dispatch(hidden=rows, handle=h.raw)
+        # the real dispatch asserts num_of_experts whenever routing_map is None, also with a handle
+        tokens, _, _, _ = h.buffer.dispatch(hidden=rows, num_of_experts=h.num_experts, handle=h.raw)
         return tokens[:, :h.hidden].contiguous()
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
-        import torch
-
+        torch = self._torch
         h = check_handle(handle, HybridEPHandle, "hybridep")
         num_recv = h.recv_topk_idx.shape[0]
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != num_recv:
-            raise InvalidInputError(f"combine expects x of shape [{num_recv}, H] (one row per row dispatch delivered "
-                                    f"here, same order), got {tuple(getattr(x, 'shape', ()))}")
-        _check_dtype(x)
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != num_recv or x.shape[1] > h.hidden:
+            raise InvalidInputError(f"combine expects x of shape [{num_recv}, {h.hidden}] (one row per row dispatch "
+                                    f"delivered here, same order), got {tuple(getattr(x, 'shape', ()))}")
+        _check_dtype(x, torch.bfloat16)
         rows = torch.zeros(num_recv, h.width, dtype=x.dtype, device=x.device)
         rows[:, :x.shape[1]] = x
         probs = None
@@ -178,8 +319,7 @@ class HybridEPBackend:
                 raise InvalidInputError(f"combine's topk_weights must have shape {tuple(h.recv_topk_idx.shape)}, "
                                         f"got {tuple(topk_weights.shape)}")
             owned = h.recv_topk_idx >= 0
-            width = h.buffer.num_local_experts * _ranks_per_domain(h.buffer)
-            probs = torch.zeros(num_recv, width, dtype=torch.float32, device=x.device)
+            probs = torch.zeros(num_recv, h.probs_width, dtype=torch.float32, device=x.device)
             probs.scatter_add_(1, h.prob_offset + h.recv_topk_idx.clamp(min=0),
                                torch.where(owned, topk_weights.float(), 0.0))
         combined, combined_probs = h.buffer.combine(hidden=rows, probs=probs, handle=h.raw)
@@ -192,30 +332,17 @@ class HybridEPBackend:
         return out, combined_w
 
 
-def _ranks_per_domain(buffer) -> int:
-    return int(getattr(buffer, "num_of_hybrid_ep_ranks_per_nvlink_domain", None)
-               or getattr(buffer, "num_of_ranks_per_node", None) or buffer.group_size)
+def _env_int(name: str) -> Optional[int]:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        return None  # HybridEP's own atoi reading; its constructor reports it
 
 
-def _prob_offset(buffer, rank: int, local: int) -> int:
-    """Column of this rank's first expert in HybridEP's dispatched probs ``[N, local * ranks_per_domain]``."""
-    local_rank = getattr(buffer, "local_rank", None)
-    if local_rank is None:
-        local_rank = rank % _ranks_per_domain(buffer)
-    return int(local_rank) * local
-
-
-def _check_dtype(x) -> None:
-    import torch
-
-    if x.dtype != torch.bfloat16:
+def _check_dtype(x, bf16) -> None:
+    if x.dtype != bf16:
         raise InvalidInputError(f"backend 'hybridep' moves bf16 tokens, got {x.dtype}; cast x to torch.bfloat16")
-
-
-def _check_dispatch_args(x, topk_idx, topk_weights, num_experts, world) -> None:
-    check_dispatch_args("hybridep", x, topk_idx, topk_weights, num_experts, world, fp8=False)
-    if num_experts > _MAX_EXPERTS:
-        raise InvalidInputError(f"backend 'hybridep': num_experts={num_experts} is above its limit of {_MAX_EXPERTS}")
 
 
 def _probe() -> Availability:

@@ -6,8 +6,11 @@ folder to ``sys.path`` (see ``deepep_emulator`` in ``tests/test_deepep_backends.
 all-gathers every rank's tokens and selects its own rows locally) is deliberately different from the
 reference ``torch`` backend's all-to-all, so agreement between the two is an independent check.
 
-It enforces the asserts DeepEP documents (see ``_emulator.py``) and raises where the real library would
-hang or hit a sticky CUDA error, so adapter misuse fails loudly in tests.
+It is at least as strict as the library it stands for: it enforces DeepEP's Python asserts, C++ host
+asserts, JIT ``static_assert`` s (as the NVCC compile failure they cause) and device asserts (as a sticky
+device-side error), each with a comment citing the DeepEP source line it mirrors (``_emulator.py``), and
+raises on every rank where the real library would hang, so adapter misuse fails loudly in tests. Its
+classes expose only attributes the real objects have; test bookkeeping is :func:`constructed`.
 
 ``DEEP_EP_EMULATOR_API`` (read at import) picks the API layout:
 
@@ -26,7 +29,8 @@ if API not in ("v1", "v2"):
 IS_EMULATOR = True
 __version__ = "0.0.0+emulator." + API
 
-from ._emulator import Buffer, Config, HybridEPBuffer, pending_async_events, reset_emulator_state  # noqa: E402
+from ._emulator import (Buffer, Config, HybridEPBuffer, constructed, pending_async_events,  # noqa: E402
+                        reset_emulator_state)
 from .utils.event import EventHandle, EventOverlap  # noqa: E402
 
 __all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "HybridEPBuffer"]
