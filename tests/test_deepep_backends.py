@@ -528,6 +528,8 @@ def test_rule_functions_cover_internode_and_hybrid_limits():
         (lambda: check_hybridep_rules(4, 256, 8, 2, chunk_dispatch=3), "NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API"),
         (lambda: check_hybridep_rules(4, 256, 8, 2, max_tokens=30000), "max tokens per rank <= 21844"),
         (lambda: check_hybridep_rules(2, 256, 40000, 2), "num_experts <= 32767"),
+        (lambda: check_hybridep_rules(2, 256, 4, 2, use_fp8=True), "FP8 hidden_dim % 512 == 0"),
+        (lambda: check_hybridep_rules(2, 1024, 4, 2, use_fp8=True), None),
     ]:
         if match is None:
             call()
@@ -683,6 +685,56 @@ def test_emulator_is_as_strict_as_deepep(deepep_emulator):
             assert seen[name] == "The buffer config is not valid.", seen[name]
         assert seen["hybrid_cached_no_experts"] == "The number of experts should be provided on index-based routing."
         assert seen["hybrid_template_hidden"] == "The config is not valid."
+
+
+# Every attribute the real objects have (DeepEP main dd758caf deep_ep/buffers/{legacy,elastic}.py, branch hybrid-ep
+# 94a9f8f6 deep_ep/hybrid_ep_buffer.py): instance attributes set in __init__ plus methods. The emulator may have
+# fewer, never others, so an adapter cannot come to rely on something the real library lacks.
+REAL_ATTRIBUTES = {
+    "Buffer": "rank group group_size num_nvl_bytes num_rdma_bytes low_latency_mode explicitly_destroy enable_shrink "
+              "runtime nvshmem_qp_depth num_sms destroy is_sm90_compiled set_num_sms capture "
+              "get_low_latency_rdma_size_hint get_comm_stream get_local_buffer_tensor _unpack_bias get_dispatch_config "
+              "get_combine_config get_dispatch_layout dispatch combine internode_dispatch internode_combine "
+              "clean_low_latency_buffer low_latency_dispatch low_latency_combine low_latency_update_mask_buffer "
+              "low_latency_query_mask_buffer low_latency_clean_mask_buffer get_next_low_latency_combine_buffer",
+    "ElasticBuffer": "group rank_idx num_ranks allow_hybrid_mode allow_multiple_reduction prefer_overlap_with_compute "
+                     "deterministic nccl_comm_handle num_bytes num_max_tokens_per_rank num_allocated_qps "
+                     "explicitly_destroy runtime num_scaleout_ranks num_scaleup_ranks scaleout_rank_idx "
+                     "scaleup_rank_idx num_rdma_ranks num_nvlink_ranks destroy get_buffer_size_hint "
+                     "get_engram_storage_size_hint get_pp_buffer_size_hint get_agrs_num_max_session_bytes "
+                     "get_agrs_buffer_size_hint barrier _unpack_handle capture get_comm_stream get_physical_domain_size "
+                     "get_logical_domain_size engram_write engram_fetch pp_set_config pp_send pp_recv "
+                     "create_agrs_session destroy_agrs_session agrs_new_session agrs_set_config agrs_get_inplace_tensor "
+                     "all_gather get_theoretical_num_sms get_theoretical_num_qps dispatch _unpack_bias combine",
+    "EPHandle": "do_expand num_experts expert_alignment num_max_tokens_per_rank num_sms topk_idx "
+                "psum_num_recv_tokens_per_scaleup_rank psum_num_recv_tokens_per_expert "
+                "num_unaligned_recv_tokens_per_expert num_recv_tokens_per_expert_list recv_src_metadata "
+                "dst_buffer_slot_idx token_metadata_at_forward channel_linked_list num_recv_tokens num_expanded_tokens "
+                "cached_recv_src_metadata_before_sort deterministic_sort",
+    "HybridEPBuffer": "group rank group_size num_of_hybrid_ep_ranks_per_nvlink_domain local_rank node_rank num_of_nodes "
+                      "configurer runtime empty_jit_cache update_template_config dispatch combine dispatch_with_permute "
+                      "combine_with_unpermute",
+}
+
+
+def _emulated_objects(rank, world):
+    import deep_ep
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    eb = deep_ep.ElasticBuffer(group, num_max_tokens_per_rank=256, hidden=HIDDEN, num_topk=2)
+    _, _, _, handle, _ = eb.dispatch(torch.randn(3, HIDDEN).to(torch.bfloat16), torch.tensor([[0, 1]] * 3),
+                                     torch.ones(3, 2), num_experts=4)
+    objects = {"Buffer": deep_ep.Buffer(group, 1 << 20, 0), "ElasticBuffer": eb, "EPHandle": handle,
+               "HybridEPBuffer": deep_ep.HybridEPBuffer(group, HIDDEN, 64, 2)}
+    return {name: sorted({a for a in dir(obj) if not a.startswith("__")} - set(REAL_ATTRIBUTES[name].split()))
+            for name, obj in objects.items()}
+
+
+def test_emulated_objects_have_no_attribute_the_real_ones_lack(deepep_emulator):
+    deepep_emulator("v2")
+    for extra in run_ranks(_emulated_objects, 2):
+        assert extra == {name: [] for name in REAL_ATTRIBUTES}, extra
 
 
 def _param_names(fn):

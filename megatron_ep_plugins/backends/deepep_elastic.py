@@ -304,7 +304,9 @@ class DeepEPElasticBackend:
     def _state(self, group) -> _GroupState:
         st = self._groups.get(group)
         if st is None:
-            st = self._groups[group] = _GroupState(world=group.size())
+            import torch.distributed as dist
+
+            st = self._groups[group] = _GroupState(world=dist.get_world_size(group))
         return st
 
     def _overflow(self, num_tokens: int, limit: int) -> InvalidInputError:
@@ -340,10 +342,10 @@ class DeepEPElasticBackend:
         num_tokens, hidden = data.shape
         topk = topk_idx.shape[1]
         device = data.device
-        if self._check_each or group not in self._agreed:
+        agree = self._check_each or group not in self._agreed
+        if agree:
             # first: every rank learns the same T/H/K, so the rules below fail on all ranks alike
             max_t = agree_on_inputs(self.name, group, num_tokens, hidden, topk, topk_idx, num_experts, device)
-            self._agreed.add(group)
         else:
             max_t = num_tokens
             if st.buffer is not None and num_tokens > st.max_tokens:
@@ -353,6 +355,8 @@ class DeepEPElasticBackend:
                        device_sm_count(device))
         self._get_buffer(group, st, max_t, hidden, topk, device)
         check_v2_hybrid_rules(st.buffer, st.world, num_experts, self.num_sms)
+        if agree:  # only once the group has a buffer sized from an agreed T (never from one rank's own T)
+            self._agreed.add(group)
         try:
             self._ready[key] = st
         except TypeError:

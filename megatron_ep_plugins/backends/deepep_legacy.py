@@ -241,7 +241,9 @@ class DeepEPLegacyBackend:
     def _world_size(self, group) -> int:
         world = self._world.get(group)
         if world is None:
-            world = self._world[group] = group.size()
+            import torch.distributed as dist
+
+            world = self._world[group] = dist.get_world_size(group)
         return world
 
     def _get_buffer(self, group, hidden_bytes: int, world: int):

@@ -84,10 +84,11 @@ def _padded_max_tokens(max_tokens: int, chunk_combine: int) -> int:
 
 def check_hybridep_rules(world: int, hidden: int, num_experts: int, ranks_per_domain: int, chunk_dispatch: int = 64,
                          chunk_combine: int = 64, max_tokens: Optional[int] = None, num_sms: Optional[int] = None,
-                         device_sms: Optional[int] = None, backend: str = "hybridep") -> None:
+                         device_sms: Optional[int] = None, use_fp8: bool = False, backend: str = "hybridep") -> None:
     """Raise :class:`InvalidInputError` when ``HybridEPBuffer`` would reject this configuration (module doc).
 
-    ``hidden`` is the user's hidden size (the adapter's row width adds a multiple of 16 to it).
+    ``hidden`` is the user's hidden size (the adapter's row width adds a multiple of 16 to it); ``use_fp8`` the
+    buffer's token type (this adapter builds bf16 buffers; the FP8 rule is here for completeness).
     """
     if num_experts > _MAX_EXPERTS:
         raise rule_error(backend, "the hybridep adapter (int16 expert ids)", f"num_experts <= {_MAX_EXPERTS}",
@@ -97,9 +98,10 @@ def check_hybridep_rules(world: int, hidden: int, num_experts: int, ranks_per_do
                          f"{world} ranks, {ranks_per_domain} per domain",
                          "fix NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN (or unset it)")
     local = num_experts // world
-    if hidden % 16:
-        raise rule_error(backend, "HybridEP's buffer config", "bf16 hidden_dim % 16 == 0 (TMA)", f"hidden={hidden}",
-                         f"use a hidden size that is a multiple of 16 {_FALLBACK}")
+    align = 512 if use_fp8 else 16  # config.cuh:87 (FP8 scaling factors via TMA) / :89
+    if hidden % align:
+        raise rule_error(backend, "HybridEP's buffer config", f"{'FP8' if use_fp8 else 'bf16'} hidden_dim % {align} "
+                         "== 0 (TMA)", f"hidden={hidden}", f"use a hidden size that is a multiple of {align} {_FALLBACK}")
     if (local * ranks_per_domain) % 4:
         raise rule_error(backend, "HybridEP's buffer config", "(experts per rank x ranks per NVLink domain) % 4 "
                          "== 0", f"{local} x {ranks_per_domain} (num_experts={num_experts} on {world} ranks)",

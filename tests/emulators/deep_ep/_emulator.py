@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
+import weakref
 from types import SimpleNamespace
 from typing import Optional
 
@@ -321,6 +322,25 @@ def _v1_hidden_rules(sticky: _Sticky, num_ranks: int, hidden: int, elem: int, nu
                     f"(hidden={hidden}, {elem}-byte elements)")
 
 
+def _v1_nvl_fits(buf, config, data, where: str) -> None:
+    needed = config.get_nvl_buffer_size_hint(data.shape[1] * max(data.element_size(), 2), buf.group_size)
+    # mirrors DeepEP csrc/legacy/buffer.hpp:627 (dispatch) / :807 (combine) buffer-size host asserts (dd758caf)
+    _host_assert(needed <= buf.num_nvl_bytes, where, f"<buffer layout for this config> <= num_nvl_bytes (need "
+                 f"{needed}, have {buf.num_nvl_bytes})")
+
+
+def _v1_num_channels(config) -> int:
+    # mirrors DeepEP csrc/legacy/buffer.hpp:436 EP_HOST_ASSERT(config.num_sms % 2 == 0) (dd758caf)
+    _host_assert(config.num_sms % 2 == 0, "csrc/legacy/buffer.hpp:436", "config.num_sms % 2 == 0")
+    return config.num_sms // 2
+
+
+def _v1_sources(buf, rank_prefix_matrix, num_recv):
+    """Source rank of each received row: rows arrive source-rank-major (V1's ``rank_prefix_matrix``)."""
+    counts = torch.diff(rank_prefix_matrix[:, buf.rank].long(), prepend=torch.zeros(1, dtype=torch.long))
+    return torch.repeat_interleave(torch.arange(buf.group_size), counts)[:num_recv]
+
+
 class Buffer:
     """``deep_ep.Buffer`` (V1) on CPU gloo ranks (the intranode data path; internode rules are checked too)."""
 
@@ -374,17 +394,6 @@ class Buffer:
         assert num_ranks in _SUPPORTED_V1_RANKS, f'Unsupported number of EP ranks: {num_ranks}'
         return Config(Buffer.num_sms, 10, 256, 6, 128)
 
-    def _nvl_fits(self, config, data, where: str) -> None:
-        needed = config.get_nvl_buffer_size_hint(data.shape[1] * max(data.element_size(), 2), self.group_size)
-        # mirrors DeepEP csrc/legacy/buffer.hpp:627 (dispatch) / :807 (combine) buffer-size host asserts (dd758caf)
-        _host_assert(needed <= self.num_nvl_bytes, where, f"<buffer layout for this config> <= num_nvl_bytes (need "
-                     f"{needed}, have {self.num_nvl_bytes})")
-
-    def _num_channels(self, config) -> int:
-        # mirrors DeepEP csrc/legacy/buffer.hpp:436 EP_HOST_ASSERT(config.num_sms % 2 == 0) (dd758caf)
-        _host_assert(config.num_sms % 2 == 0, "csrc/legacy/buffer.hpp:436", "config.num_sms % 2 == 0")
-        return config.num_sms // 2
-
     def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
                             allocate_on_comm_stream=False):
         self.runtime.check()
@@ -404,11 +413,6 @@ class Buffer:
         per_rdma = None if world <= 8 else per_rank.view(-1, 8).sum(1).to(torch.int32)
         return per_rank, per_rdma, per_expert, in_rank, new_event(async_finish)
 
-    def _sources(self, rank_prefix_matrix, num_recv):
-        """Source rank of each received row: rows arrive source-rank-major (V1's ``rank_prefix_matrix``)."""
-        counts = torch.diff(rank_prefix_matrix[:, self.rank].long(), prepend=torch.zeros(1, dtype=torch.long))
-        return torch.repeat_interleave(torch.arange(self.group_size), counts)[:num_recv]
-
     def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                  is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config=None, previous_event=None,
@@ -419,7 +423,7 @@ class Buffer:
         if self.group_size > 8:
             # mirrors DeepEP deep_ep/buffers/legacy.py:Buffer.dispatch internode branch (dd758caf)
             assert num_worst_tokens == 0, 'Internode dispatch does not support `num_worst_tokens > 0`'
-        num_channels = self._num_channels(config)
+        num_channels = _v1_num_channels(config)
         _v1_stream_args(previous_event, async_finish, allocate_on_comm_stream)
         data, sf = _unpack_x(x)
         # mirrors DeepEP csrc/legacy/buffer.hpp:457 EP_HOST_ASSERT(x.dim() == 2 and x.is_contiguous()) (dd758caf)
@@ -441,11 +445,11 @@ class Buffer:
             _host_assert(channel_prefix_matrix.shape[1] == num_channels, "csrc/legacy/buffer.hpp:465",
                          "cached_channel_prefix_matrix->size(1) == num_channels (the SM count changed since the "
                          "handle's dispatch)")
-            self._nvl_fits(config, data, "csrc/legacy/buffer.hpp:627")
+            _v1_nvl_fits(self, config, data, "csrc/legacy/buffer.hpp:627")
             _v1_hidden_rules(self.runtime, world, data.shape[1], data.element_size(), num_scales, 0, "dispatch")
             num_recv = recv_src_idx.shape[0]
             gathered = _gather_rows(self.group, [data] + ([sf] if sf is not None else []))
-            src_rank, src_idx = self._sources(rank_prefix_matrix, num_recv), recv_src_idx.long()
+            src_rank, src_idx = _v1_sources(self, rank_prefix_matrix, num_recv), recv_src_idx.long()
             recv = torch.empty(num_recv, data.shape[1], dtype=data.dtype)
             recv_sf = None if sf is None else torch.empty(num_recv, sf.shape[1], dtype=sf.dtype)
             for src in range(world):
@@ -480,7 +484,7 @@ class Buffer:
             # mirrors DeepEP csrc/kernels/legacy/internode.cu:227 EP_DEVICE_ASSERT(num_rdma_experts <= num_threads) (dd758caf)
             self.runtime.trap(num_experts // (world // 8) <= 512, "csrc/kernels/legacy/internode.cu:227",
                               "num_rdma_experts <= num_threads")
-        self._nvl_fits(config, data, "csrc/legacy/buffer.hpp:627")
+        _v1_nvl_fits(self, config, data, "csrc/legacy/buffer.hpp:627")
         _v1_hidden_rules(self.runtime, world, data.shape[1], data.element_size(), num_scales, topk_idx.shape[1],
                          "dispatch")
         local = num_experts // world
@@ -505,7 +509,7 @@ class Buffer:
         self.runtime.check()
         _check_torch_deterministic()
         config = self.get_combine_config(self.group_size) if config is None else config
-        num_channels = self._num_channels(config)
+        num_channels = _v1_num_channels(config)
         _v1_stream_args(previous_event, async_finish, allocate_on_comm_stream)
         # mirrors DeepEP deep_ep/buffers/legacy.py:Buffer.combine handle unpacking (dd758caf)
         rank_prefix_matrix, _, channel_prefix_matrix, src_idx, is_recv_token_in_rank, send_head = handle
@@ -526,9 +530,9 @@ class Buffer:
             _host_assert(topk_weights.dtype == torch.float32, "csrc/legacy/buffer.hpp:774",
                          "topk_weights->scalar_type() == torch::kFloat32")
             num_topk = topk_weights.shape[1]
-        self._nvl_fits(config, x, "csrc/legacy/buffer.hpp:807")
+        _v1_nvl_fits(self, config, x, "csrc/legacy/buffer.hpp:807")
         _v1_hidden_rules(self.runtime, self.group_size, x.shape[1], x.element_size(), 0, num_topk, "combine")
-        src_rank = self._sources(rank_prefix_matrix, num_recv)
+        src_rank = _v1_sources(self, rank_prefix_matrix, num_recv)
         out, out_w = _combine_rows(self.group, x, src_rank, src_idx.long(), is_recv_token_in_rank.shape[0],
                                    topk_weights)
         if bias is not None:
@@ -538,6 +542,9 @@ class Buffer:
 
 
 # == V2 ===================================================================================================
+_HANDLE_TOPK = weakref.WeakKeyDictionary()  # EPHandle -> (topk_idx, its version at dispatch)
+
+
 class EPHandle:
     """``deep_ep.EPHandle`` subset: the counts, ``num_experts``, ``num_sms``, ``topk_idx``, source metadata.
 
@@ -554,14 +561,24 @@ class EPHandle:
         self.recv_src_metadata = torch.stack([src_rank, src_idx], dim=1)
         self.num_recv_tokens = int(src_rank.numel())
         self.num_recv_tokens_per_expert_list = num_recv_tokens_per_expert_list
-        self._topk_idx = topk_idx
-        self._topk_idx_version = topk_idx._version
+        _HANDLE_TOPK[self] = (topk_idx, topk_idx._version)
 
     @property
     def topk_idx(self):
-        assert self._topk_idx._version == self._topk_idx_version, (
+        topk_idx, version = _HANDLE_TOPK[self]
+        assert topk_idx._version == version, (
             "`topk_idx` must not be modified while the EP handle is in use (dispatch with do_handle_copy=False)")
-        return self._topk_idx
+        return topk_idx
+
+
+def _v2_stream_args(previous_event, allocate_on_comm_stream):
+    if previous_event is not None:
+        if not isinstance(previous_event, EventHandle):
+            raise TypeError(f"previous_event must be a raw EventHandle (from capture()), got "
+                            f"{type(previous_event).__name__}")
+        # mirrors DeepEP csrc/elastic/buffer.hpp:540 EP_HOST_ASSERT(allocate_on_comm_stream) (dd758caf)
+        _host_assert(allocate_on_comm_stream, "csrc/elastic/buffer.hpp:540",
+                     "allocate_on_comm_stream (`previous_event` requires `allocate_on_comm_stream=True`)")
 
 
 class _ElasticBuffer:
@@ -624,20 +641,26 @@ class _ElasticBuffer:
     def capture() -> EventHandle:
         return EventHandle()
 
-    @staticmethod
-    def _stream_args(previous_event, allocate_on_comm_stream):
-        if previous_event is not None:
-            if not isinstance(previous_event, EventHandle):
-                raise TypeError(f"previous_event must be a raw EventHandle (from capture()), got "
-                                f"{type(previous_event).__name__}")
-            # mirrors DeepEP csrc/elastic/buffer.hpp:540 EP_HOST_ASSERT(allocate_on_comm_stream) (dd758caf)
-            _host_assert(allocate_on_comm_stream, "csrc/elastic/buffer.hpp:540",
-                         "allocate_on_comm_stream (`previous_event` requires `allocate_on_comm_stream=True`)")
-
-    def _theoretical_num_sms(self, num_experts) -> int:
-        # mirrors DeepEP deep_ep/buffers/elastic.py:get_theoretical_num_sms get_expected_topk assert (dd758caf)
-        assert num_experts % self.num_ranks == 0  # TypeError for num_experts=None, as the real one
+    def get_theoretical_num_sms(self, num_experts: int, num_topk: int, num_scaleout_topk: int = 0,
+                                rdma_gbs: float = 0, nvlink_gbs: float = 0, sm_read_gbs: float = 200,
+                                sm_write_gbs: float = 50) -> int:
+        # mirrors DeepEP deep_ep/buffers/elastic.py:get_theoretical_num_sms asserts (dd758caf); the count is fixed here
+        assert num_scaleout_topk == 0
+        assert num_experts % self.num_ranks == 0  # get_expected_topk: a TypeError for num_experts=None, as the real one
         return 24
+
+    def get_theoretical_num_qps(self, num_sms: int) -> int:
+        # mirrors DeepEP deep_ep/buffers/elastic.py:get_theoretical_num_qps (dd758caf)
+        num_qps = min(num_sms, 8 + 1)
+        if self.allow_hybrid_mode:
+            num_qps = num_sms * 16 + 1
+        return min(num_qps, self.num_allocated_qps)
+
+    def get_physical_domain_size(self):
+        return self.num_rdma_ranks, self.num_nvlink_ranks
+
+    def get_logical_domain_size(self):
+        return self.num_scaleout_ranks, self.num_scaleup_ranks
 
     def dispatch(self, x, topk_idx=None, topk_weights=None, cumulative_local_expert_recv_stats=None,
                  num_experts: Optional[int] = None, num_max_tokens_per_rank: Optional[int] = None,
@@ -652,11 +675,10 @@ class _ElasticBuffer:
         _check_torch_deterministic()
         assert not do_expand, "emulator: do_expand=True (expert-major layout) is not emulated"
         num_topk = (handle.topk_idx if topk_idx is None else topk_idx).shape[1]
-        num_sms = self._theoretical_num_sms(num_experts) if num_sms == 0 else num_sms
-        if num_qps == 0:
-            num_qps = min(num_sms * 16 + 1 if self.allow_hybrid_mode else min(num_sms, 9), self.num_allocated_qps)
+        num_sms = self.get_theoretical_num_sms(num_experts, num_topk) if num_sms == 0 else num_sms
+        num_qps = self.get_theoretical_num_qps(num_sms) if num_qps == 0 else num_qps
         assert num_qps <= self.num_allocated_qps, 'Allocated QPs are not enough'
-        self._stream_args(previous_event, allocate_on_comm_stream)
+        _v2_stream_args(previous_event, allocate_on_comm_stream)
         data, sf = _unpack_x(x)
         rt = self.runtime
         me, world = self.rank_idx, self.num_ranks
@@ -745,10 +767,9 @@ class _ElasticBuffer:
         _check_torch_deterministic()
         assert isinstance(handle, EPHandle), "handle must be an EPHandle of this buffer"
         num_sms = handle.num_sms if num_sms == 0 else num_sms
-        if num_qps == 0:
-            num_qps = min(num_sms * 16 + 1 if self.allow_hybrid_mode else min(num_sms, 9), self.num_allocated_qps)
+        num_qps = self.get_theoretical_num_qps(num_sms) if num_qps == 0 else num_qps
         assert num_qps <= self.num_allocated_qps, 'Allocated QPs are not enough'
-        self._stream_args(previous_event, allocate_on_comm_stream)
+        _v2_stream_args(previous_event, allocate_on_comm_stream)
         if num_sms != handle.num_sms:
             sticky.fail("CUDA error: unspecified launch failure (cudaErrorLaunchFailure = 719, sticky): "
                         f"combine ran with num_sms={num_sms} but its dispatch handle used {handle.num_sms}")
@@ -848,6 +869,36 @@ class _Configurer:
 
     def get_default_config(self, fuse_permute_dispatch: bool = False) -> SimpleNamespace:
         return SimpleNamespace(**vars(self.buffer_config))
+
+
+def _hybrid_metadata_preprocessing(buf, config, routing_map, num_of_tokens):
+    """All-gather the routing maps; each rank keeps the rows naming one of its experts (the handle)."""
+    # mirrors DeepEP csrc/hybrid_ep/executor/executor.cu:35 assert(num_of_expert == local * rpn * nodes) (94a9f8f6)
+    width = config.num_of_experts_per_rank * config.num_of_ranks_per_node * config.num_of_nodes
+    if routing_map.shape[1] != width:
+        raise RuntimeError(f"executor.cu:35: Assertion `num_of_expert == config.num_of_experts_per_rank * "
+                           f"config.num_of_ranks_per_node * config.num_of_nodes' failed ({routing_map.shape[1]} "
+                           f"!= {width}; a C assert: the real process aborts)")
+    # the real preprocessing all-gathers the routing maps: unequal T hangs there; raise instead
+    sizes = _gather_objects(buf.group, num_of_tokens)
+    if len(set(sizes)) != 1:
+        raise RuntimeError(f"HybridEP needs the same token count on every rank, got {sizes} "
+                           "(the real kernels hang here)")
+    local = config.num_of_experts_per_rank
+    me = buf.rank
+    maps = _gather_rows(buf.group, [routing_map])
+    src_rank, src_idx, local_maps = [], [], []
+    for src, (g,) in enumerate(maps):
+        mine = g[:, me * local:(me + 1) * local]
+        sel = mine.any(1).nonzero().flatten()
+        src_rank.append(torch.full((sel.numel(),), src, dtype=torch.int64))
+        src_idx.append(sel)
+        local_maps.append(mine[sel])
+    src_map = torch.stack([torch.cat(src_rank), torch.cat(src_idx)])
+    num_dispatched = torch.tensor([src_map.shape[1]], dtype=torch.int32)
+    # the real handle's 7 fields: sparse_to_dense_map, rdma_to_attn_map, attn_to_rdma_map,
+    # num_dispatched_tokens_tensor, local_expert_routing_map, num_of_tokens_per_rank, config
+    return (src_map, None, None, num_dispatched, torch.cat(local_maps), num_of_tokens, config)
 
 
 class HybridEPBuffer:
@@ -951,7 +1002,7 @@ class HybridEPBuffer:
                                "`probs.value().dtype() == torch::kFloat32' failed (a C assert: the real process aborts)")
         if handle is None:
             config = self.update_template_config(hidden_dim=hidden_dim, num_of_tokens_per_rank=num_of_tokens)
-            handle = self._metadata_preprocessing(config, routing_map, num_of_tokens)
+            handle = _hybrid_metadata_preprocessing(self, config, routing_map, num_of_tokens)
         (src_map, _rdma_to_attn, _attn_to_rdma, num_dispatched, local_map, handle_tokens, config) = handle
         if config.token_data_type == _UINT16:
             assert hidden.element_size() == 2, "hidden must hold 2-byte elements (bf16) for a UINT16 config"
@@ -973,35 +1024,6 @@ class HybridEPBuffer:
             if probs is not None:
                 out_probs[m] = gathered[src][1][src_idx[m]][:, node]
         return recv, out_probs, None, handle
-
-    def _metadata_preprocessing(self, config, routing_map, num_of_tokens):
-        """All-gather the routing maps; each rank keeps the rows naming one of its experts (the handle)."""
-        # mirrors DeepEP csrc/hybrid_ep/executor/executor.cu:35 assert(num_of_expert == local * rpn * nodes) (94a9f8f6)
-        width = config.num_of_experts_per_rank * config.num_of_ranks_per_node * config.num_of_nodes
-        if routing_map.shape[1] != width:
-            raise RuntimeError(f"executor.cu:35: Assertion `num_of_expert == config.num_of_experts_per_rank * "
-                               f"config.num_of_ranks_per_node * config.num_of_nodes' failed ({routing_map.shape[1]} "
-                               f"!= {width}; a C assert: the real process aborts)")
-        # the real preprocessing all-gathers the routing maps: unequal T hangs there; raise instead
-        sizes = _gather_objects(self.group, num_of_tokens)
-        if len(set(sizes)) != 1:
-            raise RuntimeError(f"HybridEP needs the same token count on every rank, got {sizes} "
-                               "(the real kernels hang here)")
-        local = config.num_of_experts_per_rank
-        me = self.rank
-        maps = _gather_rows(self.group, [routing_map])
-        src_rank, src_idx, local_maps = [], [], []
-        for src, (g,) in enumerate(maps):
-            mine = g[:, me * local:(me + 1) * local]
-            sel = mine.any(1).nonzero().flatten()
-            src_rank.append(torch.full((sel.numel(),), src, dtype=torch.int64))
-            src_idx.append(sel)
-            local_maps.append(mine[sel])
-        src_map = torch.stack([torch.cat(src_rank), torch.cat(src_idx)])
-        num_dispatched = torch.tensor([src_map.shape[1]], dtype=torch.int32)
-        # the real handle's 7 fields: sparse_to_dense_map, rdma_to_attn_map, attn_to_rdma_map,
-        # num_dispatched_tokens_tensor, local_expert_routing_map, num_of_tokens_per_rank, config
-        return (src_map, None, None, num_dispatched, torch.cat(local_maps), num_of_tokens, config)
 
     def combine(self, hidden, probs=None, handle=None):
         # mirrors DeepEP deep_ep/hybrid_ep_buffer.py:HybridEPBuffer.combine (94a9f8f6)
