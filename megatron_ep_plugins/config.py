@@ -66,6 +66,25 @@ ENV_VARS: dict[str, EnvVar] = {
         # HybridEP
         EnvVar("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", "", "HybridEP `max_num_of_tokens_per_rank`; unset: the "
                "largest token count seen on any rank, rounded up to a multiple of 64.", "hybridep"),
+        # NCCL EP (nccl-extensions, nccl.ep)
+        EnvVar("MCORE_EP_NCCLEP_ALGORITHM", "auto", "`ht` (high throughput, training), `ll` (low latency, "
+               "forward-only) or `auto`: LL when no input requires grad, the agreed token count is at most "
+               "`MCORE_EP_NCCLEP_LL_MAX_TOKENS`, hidden % 512 == 0, top-k <= 31 and NCCL reports GIN; else HT.",
+               "ncclep"),
+        EnvVar("MCORE_EP_NCCLEP_LL_MAX_TOKENS", "128", "Largest agreed tokens per rank for which `auto` picks LL "
+               "(0: never).", "ncclep"),
+        EnvVar("MCORE_EP_NCCLEP_MAX_TOKENS_PER_RANK", "", "Pin `max_dispatch_tokens_per_rank` (a multiple of 4, at "
+               "most 8192). Unset: the agreed largest token count rounded up to a power of two (min 128); a larger "
+               "batch later grows the group on every rank together.", "ncclep"),
+        EnvVar("MCORE_EP_NCCLEP_NUM_SMS", "", "`max_num_sms` of the nccl.ep group (0 = library default); unset: "
+               "Megatron's `moe_flex_dispatcher_num_sms`.", "ncclep"),
+        EnvVar("MCORE_EP_NCCLEP_TIMEOUT_MS", "", "GPU-side wait timeout of nccl.ep's LL kernels (`timeout_ns`); "
+               "unset: the library default (~100 s). A peer silent for longer traps the kernel (an error on the "
+               "other ranks, not a hang), or is masked with `MCORE_EP_NCCLEP_ACTIVE_MASK=1`. nccl.ep's own "
+               "`NCCL_EP_TIMEOUT_MS` overrides it.", "ncclep"),
+        EnvVar("MCORE_EP_NCCLEP_ACTIVE_MASK", "0", "`1`: LL groups mask a timed-out peer instead of trapping "
+               "(`enable_mask`); the adapter then checks nccl.ep's async-error flag after each LL operation and "
+               "raises `NcclEpRankFailure` naming the masked ranks. Not available with `ALGORITHM=ht`.", "ncclep"),
     )
 }
 

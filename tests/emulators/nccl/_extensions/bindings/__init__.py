@@ -1,0 +1,1 @@
+"""Emulated ``nccl._extensions.bindings`` (only ``nccl_ep``)."""
