@@ -508,7 +508,7 @@ def test_registration_through_the_entry_point_group():
     reg = discover(load_settings({}))
     spec = reg.lookup("nccl-ep")
     assert spec is not None and spec.name == "ncclep" and reg.lookup("nccl_ep") is spec
-    assert spec.priority == 50 and spec.capabilities.uneven_tokens and not spec.capabilities.fp8_dispatch
+    assert spec.priority == 20 and spec.capabilities.uneven_tokens and not spec.capabilities.fp8_dispatch
     assert {p.name for p in reg.plugins if p.builtin} >= {"ncclep"}
 
 

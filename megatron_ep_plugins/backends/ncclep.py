@@ -189,6 +189,7 @@ class _GroupEntry:
     num_ranks: int
     num_experts: int
     mask: bool
+    closed: bool = False  # set by NcclEpBackend.close(): handles must not be destroyed after their group
 
 
 @dataclass
@@ -526,6 +527,8 @@ class NcclEpBackend:
                  allocate_on_comm_stream=False) -> DispatchResult:
         import torch.distributed as dist
 
+        if group is None:
+            group = dist.group.WORLD
         agreed = self._agree(x, topk_idx, topk_weights, num_experts, group)
         world = dist.get_world_size(group)
         device = x.device
@@ -553,7 +556,10 @@ class NcclEpBackend:
 
     def _make_handle(self, **kwargs) -> NcclEpHandle:
         handle = NcclEpHandle(**kwargs)
-        handle._finalizer = weakref.finalize(handle, _destroy_quietly, handle.raw)
+        # ncclEpHandleDestroy frees the handle's device memory (a local call) once autograd drops the handle;
+        # not at interpreter exit (the process frees everything) and never after close() destroyed the group.
+        handle._finalizer = weakref.finalize(handle, _destroy_quietly, handle.raw, handle.entry)
+        handle._finalizer.atexit = False
         return handle
 
     def _dispatch_ht(self, entry, x, topk_idx, topk_weights, comm, world) -> DispatchResult:
@@ -711,6 +717,7 @@ class NcclEpBackend:
     def close(self) -> None:
         """Destroy the nccl.ep groups and communicators (collective: call on every rank, when no handle is live)."""
         for entry in [*self._groups.values(), *self._retired]:
+            entry.closed = True
             entry.group.destroy()
         self._groups.clear()
         self._retired.clear()
@@ -719,7 +726,9 @@ class NcclEpBackend:
         self._comms.clear()
 
 
-def _destroy_quietly(raw) -> None:
+def _destroy_quietly(raw, entry: Optional[_GroupEntry] = None) -> None:
+    if entry is not None and entry.closed:
+        return
     try:
         raw.destroy()
     except Exception:  # noqa: BLE001 - a finalizer must not raise
@@ -835,7 +844,7 @@ def ep_register_backends():
         BackendSpec(
             name="ncclep",
             aliases=("nccl-ep", "nccl_ep", "nccl"),
-            priority=50,
+            priority=20,  # above torch only: validated on the CPU emulator, not yet on GPUs
             factory=NcclEpBackend,
             probe=_probe,
             capabilities=Capabilities(devices=("cuda",), fp8_dispatch=False, uneven_tokens=True, async_overlap=False,
