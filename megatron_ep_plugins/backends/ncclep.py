@@ -843,7 +843,7 @@ def ep_register_backends():
     return [
         BackendSpec(
             name="ncclep",
-            aliases=("nccl-ep", "nccl_ep", "nccl"),
+            aliases=("nccl-ep", "nccl_ep"),
             priority=20,  # above torch only: validated on the CPU emulator, not yet on GPUs
             factory=NcclEpBackend,
             probe=_probe,
