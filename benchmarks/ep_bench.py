@@ -358,11 +358,13 @@ def timing_plugin(slot, x_in, idx, probs, E, group, rank, args):
 
 def plugin_buffer(backend, group):
     """The DeepEP buffer the plugin's adapter built for ``group`` (so direct calls use the same buffer)."""
-    getter = getattr(backend, "buffer_for", None)
-    buf = getter(group) if getter is not None else None
-    if buf is None:
-        buffers = getattr(backend, "_buffers", None)
-        buf = buffers.get(group) if isinstance(buffers, dict) else getattr(backend, "_buffer", None)
+    buf = None
+    buffers = getattr(backend, "_buffers", None)  # legacy: group -> Buffer
+    if isinstance(buffers, dict):
+        buf = buffers.get(group)
+    states = getattr(backend, "_groups", None)  # elastic / hybridep: group -> state with .buffer
+    if buf is None and isinstance(states, dict) and group in states:
+        buf = getattr(states[group], "buffer", None)
     if buf is None:
         raise RuntimeError(f"backend {backend.name!r} has no buffer for this group yet (plugin dispatch must run first)")
     return buf

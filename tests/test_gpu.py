@@ -78,3 +78,22 @@ def test_real_deepep_matches_reference(backend_name):
     counts = run_ranks(_compare, n, backend_name, list(DEEPEP_SCENARIOS), [(False, False), (True, True)], "cuda",
                        backend="nccl", env=env, timeout=600)
     assert counts == [len(DEEPEP_SCENARIOS) * 2] * n
+
+
+def test_real_ncclep_matches_reference():
+    """NCCL EP (nccl.ep, high-throughput algorithm) against the reference on test_ncclep's scenarios, and the
+    autograd round trip through the core slot; skips with the probe's reason where nccl.ep cannot run."""
+    from megatron_ep_plugins.api import list_backends
+    from test_ncclep import SCENARIOS as NCCLEP_SCENARIOS
+    from test_ncclep import _compare_ncclep
+    from test_ncclep import _round_trip as _ncclep_round_trip
+
+    n = world()
+    if n < 2:
+        pytest.skip("nccl.ep needs an expert-parallel group of at least 2 GPUs")
+    verdict = {c.spec.name: c.availability for c in list_backends()[1]}["ncclep"]
+    if not verdict:
+        pytest.skip(f"ncclep unavailable: {verdict.reason}")
+    assert run_ranks(_compare_ncclep, n, list(NCCLEP_SCENARIOS), "cuda", "ht", backend="nccl", env=GPU_ENV,
+                     timeout=600) == [len(NCCLEP_SCENARIOS)] * n
+    assert run_ranks(_ncclep_round_trip, n, "cuda", backend="nccl", env=GPU_ENV, timeout=600) == [True] * n
