@@ -1,15 +1,25 @@
 """The hot path: generic autograd Functions in Megatron's ``fused_a2a`` call signatures.
 
 :func:`build_slot` binds one live backend into three plain functions with exactly the signatures
-of Megatron's ``fused_dispatch``, ``fused_combine`` and ``set_deepep_num_sms``. The backend is
-captured in the closure: a call does no plugin lookup, reads no environment variable and adds no
-device sync. The only per-call overhead beyond ``autograd.Function.apply`` is one set-membership
-test that runs the rank-agreement check the first time a process group is seen.
+of Megatron's ``fused_dispatch``, ``fused_combine`` and ``set_deepep_num_sms``. Everything a call
+needs is decided when the slot is built: the backend is captured in the closure, so a call does no
+plugin lookup, reads no environment variable, imports nothing and adds no device sync. Per call the
+slot costs what Megatron's own ``FusedDispatch``/``FusedCombine`` cost (one
+``autograd.Function.apply`` with the same arguments and the same four ``ctx`` attributes) plus one
+set-membership test that runs the once-per-group work (rank-agreement check, fault watcher) the first
+time a process group is seen; ``benchmarks/host_overhead.py`` times both side by side.
 
 Autograd follows Megatron's ``FusedDispatch``/``FusedCombine``:
 
 * dispatch backward = ``combine(grad_recv_x, handle, topk_weights=grad_recv_probs)``;
 * combine backward = ``dispatch_cached(grad, handle)`` (same routing, no new layout).
+
+Integer outputs (``recv_topk_idx``, ``tokens_per_expert``) are non-differentiable by their dtype, as
+in Megatron; they are not marked by hand (that costs a call per dispatch and changes nothing).
+
+Failures: when a slot function raises on one rank, :mod:`megatron_ep_plugins.faults` publishes it
+so the other ranks of the group stop instead of waiting in the collective (``MCORE_EP_FAULT_PROPAGATION``,
+read here once). The ``try``/``except`` around each call costs nothing until something is raised.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .faults import FaultReporter
+from .faults import enabled as _fault_propagation_enabled
 from .spec import EPBackend
 
 __all__ = ["Slot", "build_slot", "SLOT_MARK"]
@@ -26,40 +38,65 @@ __all__ = ["Slot", "build_slot", "SLOT_MARK"]
 #: Attribute set on every function :func:`build_slot` makes (value: the backend name).
 SLOT_MARK = "__megatron_ep_backend__"
 
+#: Op names in fault records (what the other ranks print).
+OP_DISPATCH, OP_COMBINE = "dispatch", "combine"
+OP_DISPATCH_BACKWARD = "dispatch backward (combine of the gradients)"
+OP_COMBINE_BACKWARD = "combine backward (cached dispatch of the gradients)"
+
+
+class _Bound:
+    """What a slot's Functions need besides their arguments: the backend and the fault reporter."""
+
+    __slots__ = ("backend", "reporter")
+
+    def __init__(self, backend: EPBackend, reporter: Optional[FaultReporter]) -> None:
+        self.backend, self.reporter = backend, reporter
+
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_idx, topk_weights, num_experts, group, async_finish, allocate_on_comm_stream, backend):
-        out = backend.dispatch(x, topk_idx, topk_weights, num_experts, group,
-                               async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
-        ctx.backend, ctx.group, ctx.handle = backend, group, out.handle
-        ctx.flags = (async_finish, allocate_on_comm_stream)
-        ctx.mark_non_differentiable(out.recv_topk_idx, out.tokens_per_expert)
-        return out.recv_x, out.recv_topk_idx, out.recv_topk_weights, out.tokens_per_expert, out.handle
+    def forward(ctx, x, topk_idx, topk_weights, num_experts, group, async_finish, allocate_on_comm_stream, bound):
+        recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle = bound.backend.dispatch(
+            x, topk_idx, topk_weights, num_experts, group,
+            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+        ctx.bound, ctx.group, ctx.handle, ctx.flags = bound, group, handle, (async_finish, allocate_on_comm_stream)
+        return recv_x, recv_topk_idx, recv_topk_weights, tokens_per_expert, handle
 
     @staticmethod
     def backward(ctx, grad_x, _grad_idx, grad_weights, _grad_counts, _grad_handle):
+        bound = ctx.bound
         async_finish, on_comm_stream = ctx.flags
-        weights = None if grad_weights is None else grad_weights.float()
-        grad_in, grad_w = ctx.backend.combine(grad_x.contiguous(), ctx.handle, ctx.group, topk_weights=weights,
-                                              async_finish=async_finish, allocate_on_comm_stream=on_comm_stream)
+        try:
+            grad_in, grad_w = bound.backend.combine(
+                grad_x.contiguous(), ctx.handle, ctx.group,
+                topk_weights=None if grad_weights is None else grad_weights.float(),
+                async_finish=async_finish, allocate_on_comm_stream=on_comm_stream)
+        except Exception as exc:
+            if bound.reporter is not None:
+                bound.reporter.report(exc, OP_DISPATCH_BACKWARD, ctx.group)
+            raise
         return grad_in, None, grad_w, None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, backend):
-        combined, _ = backend.combine(x, handle, group, async_finish=async_finish,
-                                      allocate_on_comm_stream=allocate_on_comm_stream)
-        ctx.backend, ctx.group, ctx.handle = backend, group, handle
-        ctx.flags = (async_finish, allocate_on_comm_stream)
+    def forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, bound):
+        combined, _ = bound.backend.combine(x, handle, group, async_finish=async_finish,
+                                            allocate_on_comm_stream=allocate_on_comm_stream)
+        ctx.bound, ctx.group, ctx.handle, ctx.flags = bound, group, handle, (async_finish, allocate_on_comm_stream)
         return combined, None
 
     @staticmethod
     def backward(ctx, grad_combined, _unused):
+        bound = ctx.bound
         async_finish, on_comm_stream = ctx.flags
-        grad_in = ctx.backend.dispatch_cached(grad_combined.contiguous(), ctx.handle, ctx.group,
-                                              async_finish=async_finish, allocate_on_comm_stream=on_comm_stream)
+        try:
+            grad_in = bound.backend.dispatch_cached(grad_combined.contiguous(), ctx.handle, ctx.group,
+                                                    async_finish=async_finish, allocate_on_comm_stream=on_comm_stream)
+        except Exception as exc:
+            if bound.reporter is not None:
+                bound.reporter.report(exc, OP_COMBINE_BACKWARD, ctx.group)
+            raise
         return grad_in, None, None, None, None, None
 
 
@@ -80,21 +117,41 @@ def build_slot(backend: EPBackend, check_group: Optional[Callable[[Any], None]] 
     """Bind ``backend`` into Megatron-signature functions.
 
     ``check_group(group)`` runs once per process group, before its first dispatch (on every rank,
-    since dispatch is collective); it is how ranks verify they agree (see ``consistency.py``).
+    since dispatch is collective); it is how ranks verify they agree (see ``consistency.py``). The
+    group's fault watcher starts just before it (see ``faults.py``), unless
+    ``MCORE_EP_FAULT_PROPAGATION=0`` (read now, not per call).
     """
+    reporter = FaultReporter() if _fault_propagation_enabled() else None
+    bound = _Bound(backend, reporter)
     seen: set[Any] = set()
+    apply_dispatch, apply_combine = _Dispatch.apply, _Combine.apply
+
+    def first_dispatch(group) -> None:
+        if reporter is not None:
+            reporter.watch(group)  # before the agreement collective: no peer can fail before it
+        if check_group is not None:
+            check_group(group)
+        seen.add(group)
 
     def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
                        allocate_on_comm_stream=False):
-        if group not in seen:
-            if check_group is not None:
-                check_group(group)
-            seen.add(group)
-        return _Dispatch.apply(x.contiguous(), token_indices, token_probs, num_experts, group,
-                               async_finish, allocate_on_comm_stream, backend)
+        try:
+            if group not in seen:
+                first_dispatch(group)
+            return apply_dispatch(x.contiguous(), token_indices, token_probs, num_experts, group,
+                                  async_finish, allocate_on_comm_stream, bound)
+        except Exception as exc:
+            if reporter is not None:
+                reporter.report(exc, OP_DISPATCH, group)
+            raise
 
     def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
-        return _Combine.apply(x, group, handle, async_finish, allocate_on_comm_stream, backend)
+        try:
+            return apply_combine(x, group, handle, async_finish, allocate_on_comm_stream, bound)
+        except Exception as exc:
+            if reporter is not None:
+                reporter.report(exc, OP_COMBINE, group)
+            raise
 
     def set_deepep_num_sms(num_sms):
         backend.set_num_sms(num_sms)
