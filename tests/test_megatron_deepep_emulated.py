@@ -15,10 +15,13 @@ import sys
 from pathlib import Path
 
 from distributed import run_ranks
-from test_megatron_e2e import EXPERTS, HIDDEN, _moe_config, _setup_megatron
+from test_megatron_e2e import EXPERTS, _moe_config, _setup_megatron
 
 EMULATORS = str(Path(__file__).resolve().parent / "emulators")
 BACKENDS = ("legacy", "elastic", "hybridep")
+#: Valid for every real DeepEP kernel (V2 combine: hidden % 256 == 0; V1/HybridEP bf16: hidden % 16 == 0); the
+#: emulator enforces the same rules, so a smaller hidden size fails here exactly as it would on the GPU.
+HIDDEN, FFN = 256, 64
 
 
 def _enable_emulator(api: str) -> None:
@@ -60,7 +63,8 @@ def _rank(rank, world, backends):
     _enable_emulator("v2")  # the V2 package also carries the legacy Buffer and HybridEPBuffer
     mep.install("torch")
     overrides = _setup_megatron()
-    config = _moe_config(**overrides, params_dtype=torch.bfloat16, bf16=True)
+    config = _moe_config(**overrides, params_dtype=torch.bfloat16, bf16=True, hidden_size=HIDDEN,
+                         ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN)
     mlp_spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False).submodules.mlp
     submodules = getattr(mlp_spec, "submodules", None) or mlp_spec.keywords["submodules"]
     layer = MoELayer(config, submodules)
