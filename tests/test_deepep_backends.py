@@ -662,6 +662,8 @@ def _emulator_size_rules(rank, world):
     expect("hybrid_cached_no_experts", AssertionError, hb.dispatch, hidden=x, handle=handle)
     hb.dispatch(hidden=x, handle=handle, num_of_experts=4)
     expect("hybrid_template_hidden", AssertionError, hb.dispatch, hidden=bf16(4, 264), routing_map=routing_map)
+    odd = torch.zeros(9, 4, dtype=torch.bool)  # T = 9: (9 % 64) x 2 ranks x 4 bytes is not a multiple of 16
+    expect("hybrid_tma_rows", RuntimeError, hb.dispatch, hidden=bf16(9, 256), routing_map=odd)
     return seen
 
 
@@ -685,6 +687,8 @@ def test_emulator_is_as_strict_as_deepep(deepep_emulator):
             assert seen[name] == "The buffer config is not valid.", seen[name]
         assert seen["hybrid_cached_no_experts"] == "The number of experts should be provided on index-based routing."
         assert seen["hybrid_template_hidden"] == "The config is not valid."
+        assert seen["hybrid_tma_rows"].startswith("TMA 16B alignment error: tma_load_size = remainder_chunk(9) * "
+                                                  "ranks_per_node(2) * 4 = 72B")  # the text seen on 2 x H200
 
 
 # Every attribute the real objects have (DeepEP main dd758caf deep_ep/buffers/{legacy,elastic}.py, branch hybrid-ep

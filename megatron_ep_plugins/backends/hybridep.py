@@ -5,7 +5,8 @@ them:
 
 * **Equal token counts.** HybridEP all-gathers routing maps and hangs when ranks pass different T. The
   adapter agrees on the largest T with one ``all_reduce(MAX)`` per dispatch and pads every rank's tokens to
-  it; padded rows have an all-False routing map, so they go nowhere and come back as zeros (dropped).
+  it, rounded up to a multiple of 4 (see the TMA rule below); padded rows have an all-False routing map, so
+  they go nowhere and come back as zeros (dropped).
 * **No ``-1`` indices.** HybridEP's ``topk_idx`` path scatters the indices (a ``-1`` faults). The adapter
   never passes ``topk_idx``: it builds the ``routing_map [T, E]`` bool / ``probs [T, E]`` fp32 form itself,
   where a ``-1`` entry simply sets nothing.
@@ -42,6 +43,11 @@ rank agreement). Sources: DeepEP branch ``hybrid-ep`` 94a9f8f6.
 * ``group size % ranks per NVLink domain == 0``: ``deep_ep/hybrid_ep_buffer.py:74``. Ranks per domain =
   ``NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN`` if set, else the NVLink-accessible ranks (:61-72); the
   adapter predicts the whole group (it declares ``internode=False``) and reports the real verdict too.
+* Per dispatch: ``(T % NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API) x ranks per domain x 4`` bytes a multiple of 16
+  (TMA load of the last partial chunk of the all-gathered routing map): ``TORCH_CHECK`` in
+  ``csrc/hybrid_ep/executor/executor.cu:72-78`` ("TMA 16B alignment error", seen on 2 x H200 with T = 9).
+  The adapter satisfies it by padding T to a multiple of 4 (with ``chunk x ranks % 4 == 0`` from the buffer
+  config, ``T % 4 == 0`` makes the remainder's product a multiple of 4).
 * SM counts at most the device's: ``csrc/hybrid_ep/config.cuh:371`` (``assert(sm_count >= sms_dispatch ...)``).
 * ``num_of_experts`` required without a ``routing_map``, also with a handle: ``hybrid_ep_buffer.py:197``.
 * Routing-map width = experts per rank x ranks per domain x domains: ``csrc/hybrid_ep/executor/executor.cu:35``.
@@ -70,6 +76,7 @@ __all__ = ["HybridEPBackend", "HybridEPHandle", "check_hybridep_rules", "ep_regi
 
 TOKEN_ALIGNMENT = 64  # Megatron's HYBRIDEP_TOKEN_ALIGNMENT
 _ID_COL_ALIGN = 16  # pad the appended id columns to 16 elements: the width keeps hidden's % 16
+_ROW_ALIGN = 4  # pad T to a multiple of 4: (T % chunk) x ranks per domain x 4 bytes % 16 == 0 (executor.cu:72-78)
 _MAX_EXPERTS = 32767  # expert ids travel as int16
 _MIN_BUFFER_TOKENS = 512  # config.cuh:386
 _QP_MAX_TX_DEPTH = 65536  # config.cuh:18-20
@@ -254,6 +261,9 @@ class HybridEPBackend:
         local = num_experts // st.world
         device = x.device
         max_t = agree_on_inputs(self.name, group, num_tokens, hidden, topk, topk_idx, num_experts, device)
+        # every rank pads to the agreed T, rounded up to a multiple of 4: HybridEP's preprocessing TMA-loads the
+        # last partial chunk of (T % chunk) x ranks-per-domain int32s and needs a multiple of 16 bytes
+        max_t = -(-max_t // _ROW_ALIGN) * _ROW_ALIGN
         if not valid:  # after the agreement every rank has the same sizes: the rules fail on all ranks alike
             check_hybridep_rules(st.world, hidden, num_experts, self._ranks_per_domain(st.world),
                                  self._chunk_dispatch, self._chunk_combine, num_sms=self.num_sms,

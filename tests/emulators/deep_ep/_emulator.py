@@ -884,6 +884,12 @@ def _hybrid_metadata_preprocessing(buf, config, routing_map, num_of_tokens):
     if len(set(sizes)) != 1:
         raise RuntimeError(f"HybridEP needs the same token count on every rank, got {sizes} "
                            "(the real kernels hang here)")
+    # mirrors DeepEP csrc/hybrid_ep/executor/executor.cu:72-78 TORCH_CHECK (after the all-gather, :144) "TMA 16B alignment error" (94a9f8f6)
+    remainder = num_of_tokens % config.num_of_tokens_per_chunk_dispatch_api
+    if remainder and (remainder * config.num_of_ranks_per_node * 4) % 16:
+        raise RuntimeError(f"TMA 16B alignment error: tma_load_size = remainder_chunk({remainder}) * ranks_per_node("
+                           f"{config.num_of_ranks_per_node}) * 4 = {remainder * config.num_of_ranks_per_node * 4}B, "
+                           "must be multiple of 16B.")
     local = config.num_of_experts_per_rank
     me = buf.rank
     maps = _gather_rows(buf.group, [routing_map])
