@@ -8,15 +8,16 @@
 # OUT/results.tgz after each step, so a run cut short still returns what it finished.
 #
 #   bash benchmarks/gpu/validate.sh STAGE [STAGE ...]
-#     deepep     DeepEP main tree (legacy + elastic): GPU tests, ep_bench (bf16 T=4096 with torch, fp8,
-#                T=8192, token sweeps), the torch backend's profile
+#     deepep     DeepEP main tree (legacy + elastic): GPU tests, ep_bench (bf16 T=4096 with torch and
+#                ncclep, a token sweep 128..16384, fp8, T=8192)
+#     profile    the torch backend's time per piece, before (old implementation) and after
 #     train      examples/train_moe.py with torch, legacy, elastic, and elastic activated by env alone
 #     hybridep   DeepEP hybrid-ep tree: GPU test, ep_bench, train_moe for hybridep
 #     ncclep     nccl.ep (nccl-extensions): GPU test, ep_bench, train_moe for ncclep
 #   Environment: DEEPEP_DIR (/tmp/deepep), HYBRIDEP_DIR (/tmp/hybridep), NCCLEP_SITE (/tmp/ncclep_site),
-#   RES, OUT, STEPS (train steps, 24), PY (python3).
+#   RES, OUT, STEPS (train steps, 20), PY (python3).
 set -u
-RES=${RES:-/tmp/mep_results}; OUT=${OUT:-/tmp/mep_out}; PY=${PY:-python3}; STEPS=${STEPS:-24}
+RES=${RES:-/tmp/mep_results}; OUT=${OUT:-/tmp/mep_out}; PY=${PY:-python3}; STEPS=${STEPS:-20}
 DEEPEP_DIR=${DEEPEP_DIR:-/tmp/deepep}; HYBRIDEP_DIR=${HYBRIDEP_DIR:-/tmp/hybridep}
 NCCLEP_SITE=${NCCLEP_SITE:-/tmp/ncclep_site}
 mkdir -p "$RES" "$OUT"
@@ -66,39 +67,42 @@ for stage in "$@"; do
   case $stage in
     deepep)
       tree "$DEEPEP_DIR"; machine_info
-      (cd "$DEEPEP_DIR" && git log -1 --format=%H 2>/dev/null; $PY -c 'import deep_ep; print(deep_ep.__file__, getattr(deep_ep, "__version__", "?"))') > "$RES/deepep_tree.txt" 2>&1
+      $PY -c 'import deep_ep; print(deep_ep.__file__, getattr(deep_ep, "__version__", "?"))' > "$RES/deepep_tree.txt" 2>&1
       $PY -m megatron_ep_plugins.cli list > "$RES/list_deepep.txt" 2>&1
-      step gpu_tests_deepep 240 $PY -m pytest -v -rA tests/test_gpu.py -k "not hybridep and not ncclep" --junitxml "$RES/gpu_tests_deepep.xml"
+      step gpu_tests_deepep 200 $PY -m pytest -v -rA tests/test_gpu.py -k "not hybridep and not ncclep" --junitxml "$RES/gpu_tests_deepep.xml"
       step bench_bf16_T4096 150 bench --backends torch,legacy,elastic --name bf16_T4096
-      step bench_fp8_T4096 120 bench --backends legacy,elastic --fp8 --name fp8_T4096
-      step bench_bf16_T8192 120 bench --backends torch,legacy,elastic --tokens 8192 --name bf16_T8192
-      step bench_sweep 240 bench --backends torch,legacy,elastic --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 30 --warmup 5 --name sweep
+      step bench_sweep 170 bench --backends torch,legacy,elastic --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name sweep
+      step bench_fp8_T4096 70 bench --backends legacy,elastic --fp8 --iters 30 --name fp8_T4096
+      step bench_bf16_T8192 70 bench --backends torch,legacy,elastic --tokens 8192 --iters 30 --name bf16_T8192
+      ;;
+    profile)
+      tree "$DEEPEP_DIR"
       if [ -f .payload_extra/old_torch_a2a.py ]; then
-        step profile_torch_before 90 run2 benchmarks/profile_torch_backend.py --impl .payload_extra/old_torch_a2a.py --out "$RES/profile_before"
+        step profile_torch_before 60 run2 benchmarks/profile_torch_backend.py --impl .payload_extra/old_torch_a2a.py --out "$RES/profile_before"
       fi
-      step profile_torch_after 90 run2 benchmarks/profile_torch_backend.py --out "$RES/profile_after"
+      step profile_torch_after 60 run2 benchmarks/profile_torch_backend.py --out "$RES/profile_after"
       ;;
     train)
       tree "$DEEPEP_DIR"
-      step train_torch 150 train torch --backend torch
-      step train_legacy 150 train legacy --backend legacy
-      step train_elastic 180 train elastic --backend elastic
+      step train_torch 100 train torch --backend torch
+      step train_legacy 100 train legacy --backend legacy
+      step train_elastic 120 train elastic --backend elastic
       # activated by the environment alone: the .pth hook installs when Megatron's dispatcher is imported
-      step train_elastic_env 180 env MCORE_EP_BACKEND=elastic $PY examples/train_moe.py --no-install --steps "$STEPS" --seed 1234 --json-out "$RES/train/elastic_env.json"
+      step train_elastic_env 120 env MCORE_EP_BACKEND=elastic $PY examples/train_moe.py --no-install --steps "$STEPS" --seed 1234 --json-out "$RES/train/elastic_env.json"
       ;;
     hybridep)
       tree "$HYBRIDEP_DIR"
       $PY -m megatron_ep_plugins.cli list > "$RES/list_hybridep.txt" 2>&1
-      step gpu_tests_hybridep 240 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
-      step bench_hybridep_T4096 150 bench --backends torch,hybridep --name hybridep_bf16_T4096
-      step train_hybridep 180 train hybridep --backend hybridep
+      step gpu_tests_hybridep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
+      step bench_hybridep_T4096 100 bench --backends torch,hybridep --iters 30 --name hybridep_bf16_T4096
+      step train_hybridep 120 train hybridep --backend hybridep
       ;;
     ncclep)
       tree "$DEEPEP_DIR:$NCCLEP_SITE"
       $PY -m megatron_ep_plugins.cli list > "$RES/list_ncclep.txt" 2>&1
-      step gpu_tests_ncclep 240 $PY -m pytest -v -rA tests/test_gpu.py -k "ncclep" --junitxml "$RES/gpu_tests_ncclep.xml"
-      step bench_ncclep_T4096 150 bench --backends torch,legacy,elastic,ncclep --name ncclep_bf16_T4096
-      step train_ncclep 180 train ncclep --backend ncclep
+      step gpu_tests_ncclep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "ncclep" --junitxml "$RES/gpu_tests_ncclep.xml"
+      step bench_ncclep_T4096 150 bench --backends torch,legacy,elastic,ncclep --iters 30 --name ncclep_bf16_T4096
+      step train_ncclep 120 train ncclep --backend ncclep
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
