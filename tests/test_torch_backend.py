@@ -47,7 +47,8 @@ def random_case(case: int, rank: int, world: int):
     experts per rank and dtype; per rank T (0 now and then), rows spanning many exponents (sums that round),
     expert ids with -1 masks and, in every other case, repeated experts within one token's top-k."""
     case_gen = torch.Generator().manual_seed(zlib.crc32(f"random/{case}/{world}".encode()))
-    hidden, topk, per_rank = (int(torch.randint(lo, hi, (1,), generator=case_gen)) for lo, hi in ((1, 17), (1, 7), (1, 5)))
+    hidden, topk, per_rank = (int(torch.randint(lo, hi, (1,), generator=case_gen))
+                              for lo, hi in ((1, 17), (1, 7), (1, 5)))
     dtype = DTYPES[case % len(DTYPES)]
     num_experts = per_rank * world
     gen = torch.Generator().manual_seed(zlib.crc32(f"random/{case}/{rank}/{world}".encode()))
@@ -318,7 +319,8 @@ def test_hot_path_has_no_hidden_sync_and_fixed_collectives(topk, per_rank):
             names = [name for name, *_ in ops]
             for name in names:
                 assert not name.startswith(SYNCING_OPS), (call, name)
-            bool_indexing = [name for name, has_bool, _ in ops if has_bool and name.startswith(("aten.index.", "aten.index_put"))]
+            bool_indexing = [name for name, has_bool, _ in ops
+                             if has_bool and name.startswith(("aten.index.", "aten.index_put"))]
             assert not bool_indexing, (call, bool_indexing)  # boolean-mask indexing = nonzero = a sync
             want = {"dispatch": 3, "combine": 1, "combine with weights": 2, "cached dispatch": 1}[call]
             assert sum(name.startswith("c10d.alltoall_base_") for name in names) == want, (call, names)

@@ -21,10 +21,13 @@ How (shapes: T tokens, K top-k, R ranks, L = E/R experts per rank, S rows sent, 
   collectives. ``torch.bincount`` and ``nonzero`` (both sync on CUDA) are replaced by a
   ``scatter_add_`` histogram and ``nonzero_static``.
 * Combine receives the rows back into a buffer with one spare row and sums them per token with one
-  ``embedding_bag(mode="sum")`` over precomputed positions (``[T, min(R, K)]``, the spare row as
-  padding): fp32 accumulation in ascending destination order, one rounding to the input dtype
-  (exactly "fp32 sum over destination ranks, then cast"), in one pass, with no fp32 copy of the
-  received block and no fp32 ``[T, H]`` buffer.
+  ``embedding_bag(mode="sum")`` over precomputed positions (``[T, min(R, K)]``, empty slots pointing
+  at the spare row): fp32 accumulation in ascending destination order, one rounding to the input
+  dtype (exactly "fp32 sum over destination ranks, then cast", bit-identical to doing that with
+  ``index_add_``), in one pass, with no fp32 copy of the received block. (The fp32 copy the old
+  combine made, ``.float()`` of the whole block, was most of a bf16 combine's time on CPU: a fresh
+  allocation twice the block's size, page-faulted in on every call once it passes glibc's mmap
+  threshold; an fp32 combine never paid it.)
 """
 
 from __future__ import annotations
@@ -197,11 +200,18 @@ class TorchA2ABackend:
             raise InvalidInputError(
                 f"combine's topk_weights must have shape [{num_recv}, {topk}], got {tuple(topk_weights.shape)}"
             )
-        # Rows come back in send order into [S + 1, H]; row S is the padding row of empty bag slots.
+        # Rows come back in send order into [S + 1, H]; row S is the spare row empty bag slots point at.
         back = x.new_empty(num_sent + 1, x.shape[1])
         dist.all_to_all_single(back[:num_sent], x.contiguous(), h.send_splits, h.recv_splits, group=group)
-        # Per token: fp32 sum of its rows in ascending destination order, one cast to x.dtype.
-        combined = F.embedding_bag(h.bags, back, mode="sum", padding_idx=num_sent)
+        # Per token: fp32 sum of its rows in ascending destination order, one cast to x.dtype (round to nearest
+        # even), in one pass. CUDA: one kernel, the spare row skipped as padding. CPU fp32/fp16: fbgemm's fast
+        # path (taken only without a padding index) over a zeroed spare row; CPU bf16 keeps the padding path,
+        # whose cast rounds to nearest even (fbgemm's bf16 output rounds ties away from zero).
+        if x.is_cuda or x.dtype == torch.bfloat16:
+            combined = F.embedding_bag(h.bags, back, mode="sum", padding_idx=num_sent)
+        else:
+            back[num_sent].zero_()
+            combined = F.embedding_bag(h.bags, back, mode="sum")
         combined_w = None
         if topk_weights is not None:
             back_w = torch.empty(num_sent + 1, topk, dtype=torch.float32, device=x.device)
