@@ -1,10 +1,10 @@
 """Host-side cost per dispatch/combine call: the plugin slot next to Megatron's own ``fused_a2a`` path.
 
-CPU only, one process, no GPU and no communication: every backend here does no work (it returns
-preallocated tensors), so what is timed is the Python/autograd/dispatcher cost each call adds on the
-host. On a GPU that host time is hidden only while the host runs ahead of the device; DeepEP V1's
-dispatch waits on the host for the receive counts, so every microsecond after that wait is on the
-critical path at small token counts.
+One process, no GPU needed, no communication: every backend here does no work (it returns
+preallocated tensors) and the group is a stand-in object of size 2, so what is timed is the
+Python/autograd/dispatcher cost each call adds on the host. On a GPU that host time is hidden only
+while the host runs ahead of the device; DeepEP V1's dispatch waits on the host for the receive
+counts, so every microsecond after that wait is on the critical path at small token counts.
 
 Side by side, in one run, interleaved (each repeat times every case once, round robin):
 
@@ -14,13 +14,16 @@ Side by side, in one run, interleaved (each repeat times every case once, round 
 * ``slot+nowork``: the plugin slot ``build_slot(backend)`` over a no-work backend (the generic slot alone);
 * ``slot+legacy``: the plugin slot over the real ``legacy`` adapter over the same no-work fake ``Buffer``
   (directly comparable with ``megatron``: same fake buffer underneath);
+* ``megatron Function bodies``: ``FusedDispatch``/``FusedCombine``'s ``forward``/``backward`` called with a
+  plain ctx (no autograd), so each side's autograd wrapper cost is a difference of two rows;
 * ``legacy adapter``: the ``legacy`` adapter's methods called directly (no slot, no autograd);
 * ``nowork backend``: the no-work backend's methods called directly (the floor of a Python call).
 
-Columns: median nanoseconds per call of dispatch forward, combine forward, dispatch forward+backward
+Columns: median microseconds per call of dispatch forward, combine forward, dispatch forward+backward
 (``torch.autograd.grad`` of recv_x and the probs), combine forward+backward. Megatron's flags are used
 (``async_finish=True, allocate_on_comm_stream=True``, as ``MoEFlexTokenDispatcher`` passes them).
-A second table times the pieces a call is made of.
+A second table times the pieces a call is made of. ``--device cuda`` puts the doubles' tensors on a
+GPU (tensor operations on the path then pay CUDA launch costs; what is timed is still host time).
 
 TEST DOUBLES: ``_FakeBuffer`` & co. (installed as a fake ``deep_ep`` module in ``sys.modules`` for this
 process only, and patched into ``fused_a2a`` only while measuring) and ``_NoWorkBackend`` exist only in
@@ -28,12 +31,13 @@ this script; they are never registered as plugins and never selectable.
 
 Print-only: nothing here asserts anything about speed.
 
-Usage: .venv/bin/python benchmarks/host_overhead.py [--quick] [--out benchmarks/results]
+Usage: .venv/bin/python benchmarks/host_overhead.py [--quick] [--device cpu|cuda] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import gc
 import json
 import os
@@ -198,8 +202,11 @@ def fake_deep_ep():
     sys.modules.update(_fake_deep_ep_modules())
     try:
         import importlib
+        import warnings
 
-        import megatron.core.transformer.moe.fused_a2a as fused_a2a
+        with warnings.catch_warnings():  # Megatron warns about optional packages (TE, Apex) at import
+            warnings.simplefilter("ignore")
+            import megatron.core.transformer.moe.fused_a2a as fused_a2a
 
         if fused_a2a.fused_dispatch is None:  # imported before without deep_ep: define its functions now
             fused_a2a = importlib.reload(fused_a2a)
@@ -420,6 +427,8 @@ def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, 
         "`probs.float()` (already fp32)": probs.float,
         "`torch.tensor(list of 128 ints)`": lambda: torch.tensor(POOL.counts),
         "`torch.tensor(list of 128 ints, dtype=int64)`": lambda: torch.tensor(POOL.counts, dtype=torch.int64),
+        "`torch.frombuffer(array('q', list of 128 ints), dtype=int64)`":
+            lambda: torch.frombuffer(array.array("q", POOL.counts), dtype=torch.int64),
         "`torch.where(recv_idx >= 0, w.float(), 0.0)` (prob mask)":
             lambda: torch.where(recv_idx >= 0, recv_probs.float(), 0.0),
         "autograd.Function.apply, 7 args, 1 output, no ctx use": lambda: Empty.apply(leaf, 1, 2, 3, 4, 5, 6),
@@ -442,6 +451,7 @@ def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, 
         "`group.size()`": "Megatron's get_buffer: 3 per call",
         "`torch.tensor(list of 128 ints)`": "Megatron FusedDispatch.forward: per dispatch",
         "`torch.tensor(list of 128 ints, dtype=int64)`": "legacy adapter: per dispatch",
+        "`torch.frombuffer(array('q', list of 128 ints), dtype=int64)`": "the same tensor, cheaper (not used yet)",
         "`torch.where(recv_idx >= 0, w.float(), 0.0)` (prob mask)":
             "legacy adapter: dispatch backward (on a GPU: CUDA launches)",
         "apply, 5 outputs + 4 ctx attributes (FusedDispatch's shape)": "Megatron and the slot: per call",
@@ -466,7 +476,7 @@ def versions() -> dict[str, str]:
             out[dist_name] = "not installed"
     try:
         out["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True, timeout=5).stdout.strip()
+                                           capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = "unknown"
     return out

@@ -16,7 +16,8 @@ no cost on the hot path:
 * **Watch**. Each process runs one daemon thread per process group, started at the group's first
   dispatch (before the rank-agreement check, so no peer's record can predate it). It polls the next
   record key once per :data:`POLL_S` seconds with ``store.check`` (one small request; no store
-  traffic at start-up, no per-call work). Records are numbered per rank: a peer's n-th failure in
+  traffic at start-up, no per-call work; beyond :data:`MAX_CHECKS_PER_S` x :data:`POLL_S` ranks the
+  interval grows with the world size, so the store serves at most that many checks per second). Records are numbered per rank: a peer's n-th failure in
   the group is matched with this rank's own n-th failure, because an error a backend detects
   collectively is raised by every rank at the same call. When a peer's record appears and this rank
   has failed as often (before, or within :data:`GRACE_S` seconds after), the watcher does nothing:
@@ -60,6 +61,9 @@ __all__ = ["ENV", "GRACE_S", "POLL_S", "FaultReporter", "active_watchers", "enab
 ENV = "MCORE_EP_FAULT_PROPAGATION"
 #: Seconds between two checks of the store for a peer's record (detection latency).
 POLL_S = 1.0
+#: Upper bound on the store checks per second all ranks together make for fault watching: in jobs of
+#: more than ``POLL_S * MAX_CHECKS_PER_S`` ranks each rank polls less often (world size / this seconds).
+MAX_CHECKS_PER_S = 5000
 #: Seconds a rank waits after a peer's record before stopping, to let its own (same) error surface first.
 GRACE_S = 2.0
 #: Store key prefix; a group's keys are ``{KEY_ROOT}/{namespace}/count`` and ``.../{n}`` (n = 1, 2, ...).
@@ -146,7 +150,7 @@ class FaultReporter:
         with _lock:
             watcher = _watchers.get(namespace)
             if watcher is None or not watcher.is_alive():
-                watcher = _Watcher(namespace, dist.get_rank(), store)
+                watcher = _Watcher(namespace, dist.get_rank(), store, dist.get_world_size())
                 watcher.reporters.add(self)
                 _watchers[namespace] = watcher
                 _ensure_atexit()
@@ -178,19 +182,23 @@ class FaultReporter:
 
 
 class _Watcher(threading.Thread):
-    def __init__(self, namespace: str, rank: int, store: Any) -> None:
+    def __init__(self, namespace: str, rank: int, store: Any, world_size: int = 1) -> None:
         super().__init__(name=f"megatron-ep-faults[{namespace.rsplit('/', 1)[-1]}]", daemon=True)
         self.namespace, self.rank = namespace, rank
         self.store_ref = weakref.ref(store)
         self.reporters: "weakref.WeakSet[FaultReporter]" = weakref.WeakSet()
         self.stopping = threading.Event()
         self.next = 1
+        self.world_size = world_size
+
+    def poll_interval(self) -> float:
+        return max(POLL_S, self.world_size / MAX_CHECKS_PER_S)
 
     def run(self) -> None:
         try:
-            while not self.stopping.wait(POLL_S):
+            while not self.stopping.wait(self.poll_interval()):
                 store = self._store()
-                if store is None or not self.reporters:
+                if store is None or self._unwanted():
                     return
                 key = f"{self.namespace}/{self.next}"
                 try:
@@ -202,9 +210,23 @@ class _Watcher(threading.Thread):
                 self.next += 1
                 self._on_record(raw)
         finally:
-            with _lock:
-                if _watchers.get(self.namespace) is self:
-                    del _watchers[self.namespace]
+            self._unregister()
+
+    def _unwanted(self) -> bool:
+        """No live slot watches this group any more (uninstalled): leave the registry, atomically."""
+        with _lock:
+            if self.reporters:
+                return False
+            self._unregister_locked()
+            return True
+
+    def _unregister(self) -> None:
+        with _lock:
+            self._unregister_locked()
+
+    def _unregister_locked(self) -> None:
+        if _watchers.get(self.namespace) is self:
+            del _watchers[self.namespace]
 
     def _store(self) -> Any:
         """The store this watcher started on, while it is still the default process group's."""
