@@ -331,3 +331,61 @@ def test_without_a_process_group_nothing_is_watched_or_published():
     error = InvalidInputError("x")
     reporter.report(error, "dispatch", object())  # must not raise
     assert faults.active_watchers() == {}
+
+
+# -- run_ranks itself: a rank that raises, dies or hangs fails the test within seconds, with its output ----
+def _rank_dies_hard(rank, world, how):
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    print(f"rank {rank} about to {how if rank == 1 else 'wait'}", flush=True)
+    if rank == 1:
+        if how == "exit":
+            os._exit(3)
+        os.kill(os.getpid(), signal.SIGSEGV)
+    dist.barrier()  # rank 0 waits for a peer that is gone (gloo notices, or the grace period ends it)
+    return "unreachable"
+
+
+@pytest.mark.parametrize("how, code", [("exit", 3), ("segfault", -11)])
+def test_run_ranks_reports_a_dead_rank_at_once_with_its_exit_code_and_output(how, code):
+    start = time.monotonic()
+    out = run_ranks(_rank_dies_hard, 2, how, expect_failure=True, grace=1.0, timeout=120)
+    elapsed = time.monotonic() - start
+    details = "\n".join(o.describe() for o in out)
+    assert out[1].status == "exited" and out[1].exitcode == code, details
+    assert f"rank 1 about to {how}" in out[1].stdout, details
+    if how == "segfault":
+        assert "Fatal Python error: Segmentation fault" in out[1].stderr, details  # faulthandler's stack
+    assert out[0].status in ("raised", "killed") and "rank 0 about to wait" in out[0].stdout, details
+    assert elapsed < 30, f"{elapsed:.1f}s: not noticed at once (timeout was 120 s)\n{details}"
+
+
+def _rank_raises_or_hangs(rank, world):
+    print(f"rank {rank} output", flush=True)
+    if rank == 0:
+        raise ValueError("rank 0 gives up")
+    time.sleep(600)
+
+
+def test_run_ranks_stops_waiting_for_the_others_after_a_grace_period_and_shows_everything():
+    start = time.monotonic()
+    with pytest.raises(AssertionError) as info:
+        run_ranks(_rank_raises_or_hangs, 2, grace=1.0, timeout=120)
+    elapsed = time.monotonic() - start
+    text = str(info.value)
+    assert "--- rank 0: raised ---" in text and "ValueError: rank 0 gives up" in text and "rank 0 output" in text
+    assert "--- rank 1: killed: still running after another rank failed ---" in text and "rank 1 output" in text
+    assert "in _rank_raises_or_hangs" in text  # faulthandler: where the killed rank was stuck
+    assert elapsed < 30, f"{elapsed:.1f}s"
+
+
+def _rank_hangs(rank, world):
+    time.sleep(600)
+
+
+def test_run_ranks_kills_hung_ranks_at_the_timeout():
+    out = run_ranks(_rank_hangs, 2, outcomes=True, timeout=3)
+    assert [o.status for o in out] == ["hung", "hung"] and all("_rank_hangs" in o.stderr for o in out)
