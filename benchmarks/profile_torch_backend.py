@@ -91,7 +91,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-pieces", dest="pieces", action="store_false",
                     help="end to end and floors only (no per-piece profile)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads in every rank (default: leave torch's default)")
+                    help="torch.set_num_threads in every rank; default: torch's own, except that self-spawned "
+                         "ranks get 1 when OMP_NUM_THREADS is unset, as torchrun does for several ranks per host")
     ap.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not started by torchrun (default 2)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_torch_backend.json"),
@@ -696,6 +697,8 @@ def main(argv=None):
     import multiprocessing as mp
     import queue as queue_module
 
+    if args.threads is None and "OMP_NUM_THREADS" not in os.environ and args.nproc > 1:
+        args.threads = 1  # torchrun's default: ranks sharing a host's cores would otherwise oversubscribe them
     ctx = mp.get_context("spawn" if args.device == "cuda" else "fork")
     world, port = args.nproc, _free_port()
     queue = ctx.Queue()

@@ -340,9 +340,14 @@ def _rank_gpu_sync_count(rank, world):
     waits = []
 
     class CountingEvent(torch.cuda.Event):
-        def synchronize(self):
+        def synchronize(self):  # the deliberate wait: counted, exempt from the debug mode
             waits.append(1)
-            return super().synchronize()
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return super().synchronize()
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
 
     torch.cuda.Event = CountingEvent
     backend, group = TorchA2ABackend(), dist.group.WORLD
@@ -430,3 +435,40 @@ def test_bad_inputs_get_clear_errors():
     for name, fragment in expected.items():
         assert name in messages, f"{name}: no error raised"
         assert fragment in messages[name], (name, messages[name])
+
+
+def test_profile_script_smoke(tmp_path):
+    """benchmarks/profile_torch_backend.py on CPU: two self-spawned gloo ranks, two copies of the module, tiny sizes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "copy_of_torch_a2a.py"
+    copy.write_text((root / "megatron_ep_plugins" / "backends" / "torch_a2a.py").read_text())
+    out = tmp_path / "profile.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "profile_torch_backend.py"), "--device", "cpu", "--tokens", "16,32",
+         "--hidden", "8", "--topk", "2", "--experts", "4", "--iters", "2", "--warmup", "1", "--backward",
+         "--impl", f"copy={copy}", "--impl", "installed", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["machine"]["world_size"] == 2 and report["machine"]["device"] == "cpu"
+    assert [i["label"] for i in report["impls"]] == ["copy", "installed"]
+    assert report["impls"][0]["sha256"] == report["impls"][1]["sha256"]  # the same text, loaded twice
+    assert [r["tokens"] for r in report["results"]] == [16, 32]
+    for entry in report["results"]:
+        assert set(entry["floors"]) == {"raw a2a pair (split sizes known)", "raw pair + count exchange + host sync"}
+        for label in ("copy", "installed"):
+            res = entry["impls"][label]
+            assert set(res["end_to_end_us"]) == {"dispatch", "combine", "combine with weights", "cached dispatch"}
+            assert all(v > 0 for v in res["end_to_end_us"].values())
+            pieces = res["pieces_us"]
+            for name in ("header exchange", "row collective", "metadata collective", "row gather (packing)"):
+                assert pieces["dispatch"][name] > 0, (label, name, pieces)
+            assert pieces["combine"]["row collective"] > 0 and pieces["combine"]["sum + cast"] > 0
+            assert res["ops"]["dispatch"]["header exchange"] == {"all_to_all_single": {"calls": 1}}
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("# torch backend: where the time goes") and "raw pair / (dispatch + combine)" in text

@@ -204,14 +204,20 @@ class TorchA2ABackend:
         back = x.new_empty(num_sent + 1, x.shape[1])
         dist.all_to_all_single(back[:num_sent], x.contiguous(), h.send_splits, h.recv_splits, group=group)
         # Per token: fp32 sum of its rows in ascending destination order, one cast to x.dtype (round to nearest
-        # even), in one pass. CUDA: one kernel, the spare row skipped as padding. CPU fp32/fp16: fbgemm's fast
-        # path (taken only without a padding index) over a zeroed spare row; CPU bf16 keeps the padding path,
-        # whose cast rounds to nearest even (fbgemm's bf16 output rounds ties away from zero).
-        if x.is_cuda or x.dtype == torch.bfloat16:
-            combined = F.embedding_bag(h.bags, back, mode="sum", padding_idx=num_sent)
-        else:
+        # even); the same arithmetic as index_add_ into fp32 zeros, bit for bit.
+        bags = h.bags
+        if x.is_cuda:  # one kernel, the spare row skipped as padding
+            combined = F.embedding_bag(bags, back, mode="sum", padding_idx=num_sent)
+        elif x.dtype != torch.bfloat16:  # fbgemm's fast path (no padding index allowed) over a zeroed spare row
             back[num_sent].zero_()
-            combined = F.embedding_bag(h.bags, back, mode="sum")
+            combined = F.embedding_bag(bags, back, mode="sum")
+        elif bags.shape[1] <= 2:  # at most 2 rows per token: a bf16 add is their fp32 sum, rounded once
+            back[num_sent].zero_()
+            combined = back.index_select(0, bags[:, 0])
+            if bags.shape[1] == 2:
+                combined.add_(back.index_select(0, bags[:, 1]))
+        else:  # the padding path: fbgemm's fast path rounds bf16 ties away from zero, this one to nearest even
+            combined = F.embedding_bag(bags, back, mode="sum", padding_idx=num_sent)
         combined_w = None
         if topk_weights is not None:
             back_w = torch.empty(num_sent + 1, topk, dtype=torch.float32, device=x.device)
