@@ -20,14 +20,17 @@ How (shapes: T tokens, K top-k, R ranks, L = E/R experts per rank, S rows sent, 
   device-to-host copy, so the GPU keeps gathering while the host reads the sizes and launches the
   collectives. ``torch.bincount`` and ``nonzero`` (both sync on CUDA) are replaced by a
   ``scatter_add_`` histogram and ``nonzero_static``.
-* Combine receives the rows back into a buffer with one spare row and sums them per token with one
-  ``embedding_bag(mode="sum")`` over precomputed positions (``[T, min(R, K)]``, empty slots pointing
-  at the spare row): fp32 accumulation in ascending destination order, one rounding to the input
-  dtype (exactly "fp32 sum over destination ranks, then cast", bit-identical to doing that with
-  ``index_add_``), in one pass, with no fp32 copy of the received block. (The fp32 copy the old
-  combine made, ``.float()`` of the whole block, was most of a bf16 combine's time on CPU: a fresh
-  allocation twice the block's size, page-faulted in on every call once it passes glibc's mmap
-  threshold; an fp32 combine never paid it.)
+* Combine receives the rows back into a buffer with one spare row and sums them per token over
+  precomputed positions (``[T, min(R, K)]``, empty slots pointing at the spare row) in one pass: one
+  ``embedding_bag(mode="sum")`` kernel on CUDA; on CPU ``embedding_bag``'s fbgemm fast path for
+  fp32/fp16, and for bf16 one bf16 add of two gathered rows when no token has more than two (else
+  ``embedding_bag``'s padding path, which rounds ties to even where fbgemm's bf16 output does not).
+  Always fp32 accumulation in ascending destination order and one rounding to the input dtype:
+  exactly "fp32 sum over destination ranks, then cast", bit-identical to doing that with
+  ``index_add_``, with no fp32 copy of the received block. (The fp32 copy the old combine made,
+  ``.float()`` of the whole block, was most of a bf16 combine's time on CPU: a fresh allocation twice
+  the block's size, page-faulted in on every call once it passes glibc's mmap threshold; an fp32
+  combine never paid it.)
 """
 
 from __future__ import annotations
