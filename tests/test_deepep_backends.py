@@ -741,6 +741,79 @@ def test_emulated_objects_have_no_attribute_the_real_ones_lack(deepep_emulator):
         assert extra == {name: [] for name in REAL_ATTRIBUTES}, extra
 
 
+def deepep_facts(rank, world, cls_name, device="cpu"):
+    """What a DeepEP object of ``cls_name`` has and how it fails on sizes its kernels reject. Runs on the CPU
+    emulator here and on the real library in tests/test_gpu.py (same function, same expectations)."""
+    import deep_ep
+    import torch.distributed as dist
+
+    group, facts = dist.group.WORLD, {}
+
+    def attempt(name, fn):
+        try:
+            value = fn()
+            facts[name] = "ok"
+            return value
+        except Exception as exc:  # noqa: BLE001 - the failure is the fact
+            facts[name] = f"{type(exc).__name__}: {exc}"[:300]
+            return None
+
+    attrs = lambda obj: sorted(a for a in dir(obj) if not a.startswith("__"))  # noqa: E731
+    cls = getattr(deep_ep, cls_name)
+    x = torch.randn(4, 256, device=device).to(torch.bfloat16)
+    if cls_name == "Buffer":
+        facts["attrs"] = attrs(attempt("construct", lambda: cls(group, 1 << 28, 0)))
+    elif cls_name == "ElasticBuffer":
+        buf = attempt("construct", lambda: cls(group, num_max_tokens_per_rank=256, hidden=256, num_topk=2,
+                                                allow_hybrid_mode=False))
+        facts["attrs"] = attrs(buf)
+        idx = torch.tensor([[0, 3]] * 4, device=device)
+        out = attempt("dispatch_h64", lambda: buf.dispatch(x[:, :64].contiguous(), idx,
+                                                           torch.ones(4, 2, device=device), num_experts=4))
+        facts["handle_attrs"] = attrs(out[3])
+        attempt("combine_h64", lambda: buf.combine(out[0], out[3]))  # the JIT static_assert "Invalid hidden"
+    else:
+        buf = attempt("construct", lambda: cls(group, 256, 64, 2))
+        facts["attrs"] = attrs(buf)
+        attempt("hidden8", lambda: cls(group, 8, 64, 2))
+        attempt("local3", lambda: cls(group, 256, 64, 3))
+        routing_map = torch.zeros(4, 4, dtype=torch.bool, device=device)
+        routing_map[:, 2 * rank] = True
+        out = attempt("dispatch", lambda: buf.dispatch(hidden=x, routing_map=routing_map,
+                                                       probs=torch.rand(4, 4, device=device)))
+        attempt("cached_without_num_of_experts", lambda: buf.dispatch(hidden=x, handle=out[3]))
+        attempt("cached", lambda: buf.dispatch(hidden=x, handle=out[3], num_of_experts=4))
+        attempt("odd_tokens", lambda: buf.dispatch(hidden=x[:3].contiguous(), routing_map=routing_map[:3].contiguous()))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return facts
+
+
+def check_deepep_facts(cls_name, facts):
+    """Expectations seen on the real library (2 x H200, DeepEP main dd758caf / hybrid-ep 94a9f8f6)."""
+    assert facts["construct"] == "ok", facts
+    assert set(facts["attrs"]) <= set(REAL_ATTRIBUTES[cls_name].split()), facts["attrs"]
+    if cls_name == "ElasticBuffer":
+        assert facts["dispatch_h64"] == "ok", facts  # dispatch compiles for hidden 64 ...
+        assert set(facts["handle_attrs"]) <= set(REAL_ATTRIBUTES["EPHandle"].split())
+        assert facts["combine_h64"].startswith("RuntimeError: Assertion exception ("), facts  # ... combine does not
+        assert 'csrc/jit/compiler.hpp:239): false and "NVCC compilation failed"' in facts["combine_h64"]
+    if cls_name == "HybridEPBuffer":
+        assert facts["hidden8"] == facts["local3"] == "RuntimeError: The buffer config is not valid.", facts
+        assert facts["dispatch"] == "ok" and facts["cached"] == "ok", facts
+        assert facts["cached_without_num_of_experts"] == (
+            "AssertionError: The number of experts should be provided on index-based routing.")
+        assert facts["odd_tokens"].startswith("RuntimeError: TMA 16B alignment error: tma_load_size = "
+                                              "remainder_chunk(3) * ranks_per_node(2) * 4 = 24B"), facts
+
+
+@pytest.mark.parametrize("cls_name", ["Buffer", "ElasticBuffer", "HybridEPBuffer"])
+def test_emulator_fails_like_the_real_library(deepep_emulator, cls_name):
+    deepep_emulator("v2")
+    for facts in run_ranks(deepep_facts, 2, cls_name):
+        check_deepep_facts(cls_name, facts)
+
+
 def _param_names(fn):
     return [(p.name, p.default if p.default is not inspect.Parameter.empty else "<required>")
             for p in inspect.signature(fn).parameters.values()]

@@ -13,7 +13,7 @@ import torch
 
 from distributed import run_ranks
 from test_deepep_backends import SCENARIOS as DEEPEP_SCENARIOS
-from test_deepep_backends import _compare
+from test_deepep_backends import _compare, check_deepep_facts, deepep_facts
 from test_torch_backend import (SCENARIOS, _rank_dispatch_combine, _rank_round_trip, check_against_oracle,
                                 check_round_trip)
 
@@ -78,6 +78,24 @@ def test_real_deepep_matches_reference(backend_name):
     counts = run_ranks(_compare, n, backend_name, list(DEEPEP_SCENARIOS), [(False, False), (True, True)], "cuda",
                        backend="nccl", env=env, timeout=600)
     assert counts == [len(DEEPEP_SCENARIOS) * 2] * n
+
+
+@pytest.mark.parametrize("cls_name", ["Buffer", "ElasticBuffer", "HybridEPBuffer"])
+def test_real_deepep_objects_fail_like_the_emulator(cls_name):
+    """The facts tests/test_deepep_backends.py checks on the CPU emulator, checked on the real library: only
+    attributes the real objects have, and the same failures in the same words (``deepep_facts``)."""
+    n = world()
+    if n != 2:
+        pytest.skip("the facts are for a group of 2 GPUs")
+    try:
+        import deep_ep
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"deep_ep not importable: {exc}")
+    if not hasattr(deep_ep, cls_name):
+        pytest.skip(f"this deep_ep has no {cls_name} (one DeepEP tree per process)")
+    env = GPU_ENV | {"EP_DISABLE_GIN": "1"}
+    for facts in run_ranks(deepep_facts, n, cls_name, "cuda", backend="nccl", env=env, timeout=300):
+        check_deepep_facts(cls_name, facts)
 
 
 def test_real_ncclep_matches_reference():
