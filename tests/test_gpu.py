@@ -94,8 +94,10 @@ def test_real_deepep_objects_fail_like_the_emulator(cls_name):
     if not hasattr(deep_ep, cls_name):
         pytest.skip(f"this deep_ep has no {cls_name} (one DeepEP tree per process)")
     env = GPU_ENV | {"EP_DISABLE_GIN": "1"}
+    # the hybrid-ep branch's V1 Buffer is an older fork (extra PCIe methods): exact attribute lists are main's
+    exact = not (cls_name == "Buffer" and not hasattr(deep_ep, "ElasticBuffer"))
     for facts in run_ranks(deepep_facts, n, cls_name, "cuda", backend="nccl", env=env, timeout=300):
-        check_deepep_facts(cls_name, facts)
+        check_deepep_facts(cls_name, facts, exact_attributes=exact)
 
 
 def test_real_ncclep_matches_reference():
