@@ -28,9 +28,15 @@ ROOT=$(pwd)
 BASE_PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 archive() { tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; }
+DEADLINE=${DEADLINE:-0}  # epoch seconds; steps are shortened or skipped to end before it (0: no deadline)
 step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to RES/NAME.log, record rc and wall time
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
+  if [ "$DEADLINE" -gt 0 ]; then
+    local left=$(( DEADLINE - t0 ))
+    if [ "$left" -lt 40 ]; then echo "$name skipped (deadline)" | tee -a "$RES/steps.txt"; return 0; fi
+    [ "$limit" -gt "$left" ] && limit=$left
+  fi
   echo "=== [$name] $(date -u +%H:%M:%S) limit ${limit}s: $*"
   timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
@@ -81,6 +87,19 @@ for stage in "$@"; do
         step profile_torch_before 60 run2 benchmarks/profile_torch_backend.py --impl .payload_extra/old_torch_a2a.py --out "$RES/profile_before"
       fi
       step profile_torch_after 60 run2 benchmarks/profile_torch_backend.py --out "$RES/profile_after"
+      ;;
+    core)  # the most important runs first, for a short device lease
+      tree "$DEEPEP_DIR"; machine_info
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_deepep.txt" 2>&1
+      step bench_bf16_T4096 120 bench --backends torch,legacy,elastic --name bf16_T4096
+      step bench_sweep 150 bench --backends torch,legacy,elastic --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name sweep
+      step train_torch 90 train torch --backend torch
+      step train_legacy 90 train legacy --backend legacy
+      step train_elastic 100 train elastic --backend elastic
+      step train_elastic_env 100 env MCORE_EP_BACKEND=elastic $PY examples/train_moe.py --no-install --steps "$STEPS" --seed 1234 --json-out "$RES/train/elastic_env.json"
+      step gpu_tests_deepep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "not hybridep and not ncclep" --junitxml "$RES/gpu_tests_deepep.xml"
+      step bench_fp8_T4096 60 bench --backends legacy,elastic --fp8 --iters 30 --name fp8_T4096
+      step bench_bf16_T8192 60 bench --backends torch,legacy,elastic --tokens 8192 --iters 30 --name bf16_T8192
       ;;
     train)
       tree "$DEEPEP_DIR"
