@@ -79,6 +79,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def env_markdown() -> str:
+    """The README's variable table, generated from the registry (``megatron-ep env --markdown``)."""
+    from .config import ENV_VARS
+
+    lines = ["| variable | default | scope | meaning |", "| --- | --- | --- | --- |"]
+    for v in ENV_VARS.values():
+        default = f"`{v.default}`" if v.default else "(unset)"
+        lines.append(f"| `{v.name}` | {default} | {v.scope} | {v.help} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from .config import ENV_VARS
 
@@ -86,6 +97,9 @@ def _cmd_env(args: argparse.Namespace) -> int:
              "help": v.help} for v in ENV_VARS.values()]
     if args.json:
         _print_json(rows)
+        return 0
+    if args.markdown:
+        sys.stdout.write(env_markdown())
         return 0
     for r in rows:
         value = "(unset)" if r["value"] is None else repr(r["value"])
@@ -122,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         if name == "explain":
             p.add_argument("--backend", default=None, help="ask about this name instead of MCORE_EP_BACKEND")
+        if name == "env":
+            p.add_argument("--markdown", action="store_true", help="the README's table of variables")
     return parser
 
 

@@ -40,6 +40,10 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("MCORE_EP_ALLOW_UNTESTED_MEGATRON", "0", "`1`: patch a megatron-core version the patch table does "
                "not list, with the newest table entry (targets and signatures are still verified)."),
         EnvVar("MCORE_EP_LOG", "info", "Log level of the `megatron_ep_plugins` logger (debug, info, warning)."),
+        EnvVar("MCORE_EP_FAULT_PROPAGATION", "1", "`1`: when one rank raises inside dispatch/combine (or their "
+               "backward passes), the other ranks of that expert-parallel group print one line naming that rank "
+               "and its error and exit with code 1 within a few seconds, instead of waiting in the collective "
+               "until a timeout. `0`: off."),
         # DeepEP legacy (V1) Buffer
         EnvVar("MCORE_EP_LEGACY_NUM_SMS", "", "SMs for DeepEP V1 kernels; default Megatron's "
                "`moe_flex_dispatcher_num_sms` (20).", "legacy"),

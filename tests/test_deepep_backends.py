@@ -764,8 +764,11 @@ def deepep_facts(rank, world, cls_name, device="cpu"):
     if cls_name == "Buffer":
         facts["attrs"] = attrs(attempt("construct", lambda: cls(group, 1 << 28, 0)))
     elif cls_name == "ElasticBuffer":
-        buf = attempt("construct", lambda: cls(group, num_max_tokens_per_rank=256, hidden=256, num_topk=2,
-                                                allow_hybrid_mode=False))
+        # Sized as the adapter sizes it (get_buffer_size_hint): on 2 x H200 (EP_DISABLE_GIN=1) the constructor's own
+        # sizing path (num_bytes=None -> _C.calculate_elastic_buffer_size, elastic.py:306) segfaulted.
+        num_bytes = cls.get_buffer_size_hint(group, 256, 256, num_topk=2, allow_hybrid_mode=False)
+        buf = attempt("construct", lambda: cls(group, num_bytes=num_bytes, num_max_tokens_per_rank=256, hidden=256,
+                                                num_topk=2, allow_hybrid_mode=False))
         facts["attrs"] = attrs(buf)
         idx = torch.tensor([[0, 3]] * 4, device=device)
         out = attempt("dispatch_h64", lambda: buf.dispatch(x[:, :64].contiguous(), idx,

@@ -16,13 +16,14 @@ The source citations in the adapters refer to DeepEP ``main`` at ``DEEPEP_MAIN``
 from __future__ import annotations
 
 import importlib
+from array import array as _array
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import InvalidInputError
 
-__all__ = ["DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "ProbeFacts", "agree_on_inputs", "check_combine_args",
+__all__ = ["DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "ProbeFacts", "counts_tensor", "agree_on_inputs", "check_combine_args",
            "check_dispatch_args", "check_handle", "check_torch_deterministic", "combine_key", "cuda_problem", "decode_nccl_version",
            "deep_ep_version", "device_sm_count", "dispatch_key", "import_event_classes", "loaded_nccl_version",
            "owned_weights", "probe_deep_ep", "rule_error"]
@@ -353,3 +354,29 @@ def loaded_nccl_version() -> tuple[int, int, int]:
     if status != 0:
         raise RuntimeError(f"ncclGetVersion failed with ncclResult_t {status}")
     return decode_nccl_version(int(code.value))
+
+
+def counts_tensor(counts) -> "torch.Tensor":
+    """DeepEP's per-expert receive counts (a Python list) as the CPU int64 tensor Megatron expects.
+
+    ``torch.frombuffer`` over an ``array('q')`` builds it about 4x faster than ``torch.tensor(list)``
+    (2 vs 8 us for 128 experts, ``benchmarks/host_overhead.py``): it is on every dispatch's host path.
+    """
+    if not counts:
+        import torch
+
+        return torch.zeros(0, dtype=torch.int64)
+    return _frombuffer()(_array("q", counts), dtype=_int64)
+
+
+def _frombuffer():
+    global _FROMBUFFER, _int64
+    if _FROMBUFFER is None:
+        import torch
+
+        _FROMBUFFER, _int64 = torch.frombuffer, torch.int64
+    return _FROMBUFFER
+
+
+_FROMBUFFER = None
+_int64 = None

@@ -75,7 +75,7 @@ from ..errors import ConfigError, InvalidInputError, RankMismatchError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
 from . import _deepep_common
-from ._deepep_common import (agree_on_inputs, check_combine_args, check_dispatch_args, check_handle,
+from ._deepep_common import (agree_on_inputs, check_combine_args, check_dispatch_args, check_handle, counts_tensor,
                              check_torch_deterministic, combine_key, decode_nccl_version, device_sm_count,
                              dispatch_key, owned_weights, probe_deep_ep, rule_error)
 
@@ -223,7 +223,7 @@ class DeepEPElasticBackend:
             raise ImportError("deep_ep has no ElasticBuffer: this is a V1-only DeepEP; install DeepEP V2 "
                               "(PR #605 or later) or use the 'legacy' backend")
         self._ElasticBuffer = cls
-        self._tensor, self._int64 = torch.tensor, torch.int64
+        self._int64 = torch.int64
         self._check_each = self.settings.check_each_dispatch
         self.num_sms: Optional[int] = self.settings.num_sms
         self._groups: dict[Any, _GroupState] = {}  # group -> its buffer (grown, never shrunk)
@@ -406,7 +406,7 @@ class DeepEPElasticBackend:
         if async_finish:
             event.current_stream_wait()
         num_recv = (recv_x[0] if recv_x.__class__ is tuple else recv_x).shape[0]
-        tokens_per_expert = self._tensor(raw.num_recv_tokens_per_expert_list, dtype=self._int64)
+        tokens_per_expert = counts_tensor(raw.num_recv_tokens_per_expert_list)
         handle = ElasticHandle(raw, buffer, recv_idx, num_tokens, num_recv, st.hidden)
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
 

@@ -69,6 +69,7 @@ from ..errors import ConfigError, InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
 from ._deepep_common import (check_combine_args, check_dispatch_args, check_handle, check_torch_deterministic,
+                             counts_tensor,
                              combine_key, dispatch_key, import_event_classes, owned_weights, probe_deep_ep,
                              rule_error)
 
@@ -203,7 +204,7 @@ class DeepEPLegacyBackend:
             raise ImportError("this deep_ep has no Buffer class (DeepEP V1 API); install DeepEP with the V1 Buffer")
         self._Buffer = deep_ep.Buffer
         self._EventOverlap, self._EventHandle = import_event_classes()
-        self._tensor, self._int64 = torch.tensor, torch.int64
+        self._int64 = torch.int64
         self._env_num_sms = env_sms
         self.num_sms: Optional[int] = None
         self._buffers: dict[Any, Any] = {}  # group -> its Buffer (grown, never shrunk)
@@ -326,7 +327,7 @@ class DeepEPLegacyBackend:
         num_recv = (recv_x[0] if recv_x.__class__ is tuple else recv_x).shape[0]
         num_tokens = (x[0] if x.__class__ is tuple else x).shape[0]
         handle = LegacyHandle(raw, recv_idx, num_tokens, num_recv, num_experts)
-        return DispatchResult(recv_x, recv_idx, recv_w, self._tensor(counts, dtype=self._int64), handle)
+        return DispatchResult(recv_x, recv_idx, recv_w, counts_tensor(counts), handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
         h = handle if handle.__class__ is LegacyHandle else check_handle(handle, LegacyHandle, self.name)
