@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+#: The package version; its only home (pyproject.toml reads it: ``[tool.setuptools.dynamic]``).
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -19,22 +20,32 @@ _LAZY = {
     "explain": "api",
     "installed": "api",
     "Installation": "api",
+    "list_backends": "api",
     "register_plugin": "manager",
     "unregister_plugin": "manager",
     "BackendSpec": "spec",
+    "BackendEnv": "spec",
     "Availability": "spec",
     "Capabilities": "spec",
+    "Choice": "spec",
     "DispatchResult": "spec",
     "EPBackend": "spec",
+    "EnvVar": "spec",
+    "Integer": "spec",
+    "Boolean": "spec",
+    "OneOf": "spec",
+    "Text": "spec",
+    "Words": "spec",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import Installation, explain, install, installed, uninstall
+    from .api import Installation, explain, install, installed, list_backends, uninstall
     from .hookspecs import hookimpl, hookspec
     from .manager import register_plugin, unregister_plugin
-    from .spec import Availability, BackendSpec, Capabilities, DispatchResult, EPBackend
+    from .spec import (Availability, BackendEnv, BackendSpec, Boolean, Capabilities, Choice, DispatchResult,
+                       EnvVar, EPBackend, Integer, OneOf, Text, Words)
 
 
 def __getattr__(name: str) -> Any:

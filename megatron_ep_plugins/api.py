@@ -17,9 +17,10 @@ from . import __version__, patching
 from .autograd import build_slot
 from .config import Settings, load_settings, normalize_backend_request
 from .consistency import check_agreement
+from .errors import EPPluginError
 from .manager import Registry, discover
-from .selection import Choice, probe_all, select, select_and_create
-from .spec import EPBackend
+from .selection import probe_all, select, select_and_create
+from .spec import Choice, EPBackend
 
 __all__ = ["Installation", "explain", "install", "installed", "list_backends", "uninstall"]
 
@@ -65,11 +66,16 @@ def install(backend: Optional[str] = None, *, environ: Optional[Mapping[str, str
 
     :param backend: a backend name/alias or ``"auto"``; overrides ``MCORE_EP_BACKEND``. When omitted
         and ``MCORE_EP_BACKEND=off``, nothing is installed and ``None`` is returned.
+    :param environ: the environment to read every ``MCORE_EP_*`` variable from, the core's and the
+        backends' alike (probes and factories are asked about it); default ``os.environ``.
     :raises UnknownBackendError, BackendUnavailableError, NoBackendAvailableError, BackendInitError,
-        PatchError, ConfigError: with a message naming the cause and the fix.
+        DuplicateBackendError, PatchError, ConfigError: with a message naming the cause and the fix.
+    :raises EPPluginError: an ``ep_backend_installed`` hook raised; Megatron's original objects are
+        restored and nothing is installed.
 
-    Idempotent: installing the backend that is already installed returns the existing installation;
-    another backend replaces it (the original Megatron objects stay recorded for ``uninstall()``).
+    Idempotent: installing the backend that is already installed, with every ``MCORE_EP_*`` value
+    unchanged, returns the existing installation; anything else builds a new one that replaces it
+    (the original Megatron objects stay recorded for ``uninstall()``).
     """
     global _installation
     settings = load_settings(environ)
@@ -89,17 +95,34 @@ def install(backend: Optional[str] = None, *, environ: Optional[Mapping[str, str
         choice, live = select_and_create(registry, settings, backend)
 
         def check_group(group: Any) -> None:
-            if settings.check_ranks:
-                check_agreement(group, choice.spec.name, live.agreement_key(), __version__)
+            # always publish; wait for (and compare with) the other ranks only when asked to
+            check_agreement(group, choice.spec.name, live.agreement_key(), __version__,
+                            wait=settings.check_ranks, timeout=settings.check_timeout)
 
         slot = build_slot(live, check_group)
         patched = patching.apply(slot, version, settings.allow_untested_megatron)
+        _installation = None
+        _notify_installed(registry, choice, live)
         _installation = Installation(choice, live, version, tuple(patched), settings)
         log.info("%s", choice.summary())
-        pm = registry.pluggy_manager
-        if pm is not None:
-            pm.hook.ep_backend_installed(choice=choice, backend=live)
         return _installation
+
+
+def _notify_installed(registry: Registry, choice: Choice, live: EPBackend) -> None:
+    """Call each ``ep_backend_installed`` implementation; if one raises, restore Megatron and say which."""
+    pm = registry.pluggy_manager
+    if pm is None:
+        return
+    args = {"choice": choice, "backend": live}
+    for impl in reversed(pm.hook.ep_backend_installed.get_hookimpls()):
+        try:
+            impl.function(*(args[name] for name in impl.argnames))
+        except Exception as exc:
+            patching.revert()
+            raise EPPluginError(
+                f"plugin {impl.plugin_name!r}: its ep_backend_installed hook raised {type(exc).__name__}: {exc}. "
+                f"Megatron's original dispatcher was restored and no backend is installed; fix or block the "
+                f"plugin (MCORE_EP_PLUGINS_DISABLE=plugin:{impl.plugin_name})") from exc
 
 
 def uninstall() -> list[str]:
@@ -118,7 +141,11 @@ def explain(backend: Optional[str] = None, *, environ: Optional[Mapping[str, str
 
 
 def list_backends(*, environ: Optional[Mapping[str, str]] = None) -> tuple[Registry, tuple]:
-    """Discovery plus every backend's probe verdict (what ``megatron-ep list`` shows)."""
+    """Discovery plus every backend's probe verdict (what ``megatron-ep list`` shows).
+
+    Does not raise for conflicts or malformed backend variables (``list`` is how users see them):
+    see ``registry.conflicts`` and :func:`megatron_ep_plugins.selection.validate_environment`.
+    """
     settings = load_settings(environ)
     registry = discover(settings)
-    return registry, probe_all(registry)
+    return registry, probe_all(registry, settings)

@@ -47,6 +47,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 for c in candidates
             ],
             "disabled_backends": [s.name for s in registry.disabled_backends],
+            "conflicts": list(registry.conflicts),
+            "settings_problems": _settings_problems(registry),
             "notes": list(registry.notes),
         })
         return 0
@@ -65,7 +67,24 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"  {s.name:<10} disabled by MCORE_EP_PLUGINS_DISABLE")
     for note in registry.notes:
         print(f"\nnote: {note}")
+    for conflict in registry.conflicts:
+        print(f"\nCONFLICT (install/explain refuse until it is resolved): {conflict}")
+    for problem in _settings_problems(registry):
+        print(f"\nSETTINGS (install/explain refuse until it is fixed): {problem}")
     return 0
+
+
+def _settings_problems(registry: Any) -> list[str]:
+    """Malformed MCORE_EP_* values, as install() would report them (empty when all parse)."""
+    from .config import load_settings
+    from .errors import ConfigError
+    from .selection import validate_environment
+
+    try:
+        validate_environment(registry, load_settings())
+    except ConfigError as exc:
+        return [line.strip()[2:] for line in str(exc).splitlines()[1:] if line.strip().startswith("- ")] or [str(exc)]
+    return []
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -79,32 +98,71 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def env_markdown() -> str:
-    """The README's variable table, generated from the registry (``megatron-ep env --markdown``)."""
-    from .config import ENV_VARS
+def _registry(builtin_only: bool = False) -> Any:
+    """Discovery for ``env``: with the current settings when they parse, else the defaults."""
+    from .config import Settings, load_settings
+    from .errors import ConfigError
+    from .manager import discover
 
-    lines = ["| variable | default | scope | meaning |", "| --- | --- | --- | --- |"]
-    for v in ENV_VARS.values():
+    if builtin_only:
+        return discover(Settings(autoload_plugins=False))
+    try:
+        settings = load_settings()
+    except ConfigError:
+        settings = Settings()
+    return discover(settings)
+
+
+def env_markdown() -> str:
+    """The README's variable table, generated from the registry (``megatron-ep env --markdown``).
+
+    The core's variables, then those every built-in backend declares, by priority (third-party
+    plugins are left out: the README documents this package).
+    """
+    registry = _registry(builtin_only=True)
+    builtin = {p.name for p in registry.plugins if p.builtin}
+    order = {s.name: (-s.priority, i) for i, s in enumerate(registry.backends)}
+    rows = [v for v in registry.variables if v.scope == "core"]
+    rows += sorted((v for v in registry.variables if v.scope != "core" and v.provider in builtin),
+                   key=lambda v: order.get(v.scope, (0, 0)))
+    lines = ["| variable | default | values | scope | meaning |", "| --- | --- | --- | --- | --- |"]
+    for v in rows:
         default = f"`{v.default}`" if v.default else "(unset)"
-        lines.append(f"| `{v.name}` | {default} | {v.scope} | {v.help} |")
+        lines.append(f"| `{v.name}` | {default} | {v.describe()} | {v.scope} | {v.help} |")
     return "\n".join(lines) + "\n"
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    from .config import ENV_VARS
+    from .errors import ConfigError
 
-    rows = [{"name": v.name, "scope": v.scope, "value": os.environ.get(v.name), "default": v.default,
-             "help": v.help} for v in ENV_VARS.values()]
+    registry = _registry()
+    rows = []
+    for v in registry.variables:
+        value = os.environ.get(v.name)
+        try:
+            v.value(os.environ)
+            problem = ""
+        except ConfigError as exc:
+            problem = str(exc)
+        rows.append({"name": v.name, "scope": v.scope, "provider": v.provider, "value": value, "default": v.default,
+                     "values": v.describe(), "help": v.help, "error": problem})
+    declared = {v.name for v in registry.variables}
+    undeclared = sorted(k for k in os.environ if k.startswith("MCORE_EP_") and k not in declared)
     if args.json:
-        _print_json(rows)
-        return 0
+        _print_json(rows + [{"name": k, "value": os.environ[k], "error": "declared by no loaded plugin"}
+                            for k in undeclared])
+        return 1 if any(r["error"] for r in rows) else 0
     if args.markdown:
         sys.stdout.write(env_markdown())
         return 0
     for r in rows:
         value = "(unset)" if r["value"] is None else repr(r["value"])
-        print(f"{r['name']:<38} {value:<12} default {r['default']!r:<8} [{r['scope']}]\n    {r['help']}")
-    return 0
+        print(f"{r['name']:<38} {value:<12} default {r['default']!r:<8} [{r['scope']}] {r['values']}\n    {r['help']}")
+        if r["error"]:
+            print(f"    ERROR: {r['error']}")
+    for k in undeclared:
+        print(f"{k:<38} {os.environ[k]!r:<12} declared by no loaded plugin (a typo, or its plugin is not loaded)")
+    return 1 if any(r["error"] for r in rows) else 0
 
 
 def _cmd_compat(args: argparse.Namespace) -> int:
@@ -144,12 +202,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.fn(args)
-    except EPPluginError as exc:
-        if getattr(args, "json", False):
-            _print_json({"error": type(exc).__name__, "message": str(exc)})
-        else:
-            print(f"megatron-ep: {type(exc).__name__}: {exc}", file=sys.stderr)
+        try:
+            return args.fn(args)
+        except EPPluginError as exc:
+            if getattr(args, "json", False):
+                _print_json({"error": type(exc).__name__, "message": str(exc)})
+            else:
+                print(f"megatron-ep: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (``megatron-ep list | head -1``): stop quietly, as Python's docs advise --
+        # point stdout at /dev/null so the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 1
 
 

@@ -1,145 +1,175 @@
-"""Every ``MCORE_EP_*`` environment variable, parsed and validated in one place.
+"""The core's ``MCORE_EP_*`` variables, and how anyone reads a declared variable.
 
-:data:`ENV_VARS` is the single table of variables (the README's table and ``megatron-ep``
-print it). :func:`load_settings` reads the core's variables into a frozen :class:`Settings`;
-backends read their own through :func:`read_int` / :func:`read_bool` / :func:`read_str`, which
-only accept names listed in :data:`ENV_VARS`. Nothing here is read on the dispatch/combine hot
-path: settings are parsed once, at selection or backend construction.
+Every variable is declared once, by whoever reads it, as an :class:`~megatron_ep_plugins.spec.EnvVar`
+(name, default, meaning, parser with bounds): the core's own are :data:`CORE_VARS` here; each backend
+declares its own in its :class:`~megatron_ep_plugins.spec.BackendSpec` (``settings=``), so a backend
+never edits this file. The plugin manager collects them all into the registry, which is what
+``megatron-ep env``, the README table and validation read.
+
+:func:`load_settings` parses the core's variables into a frozen :class:`Settings`. Backends read
+their own through :func:`read_int` / :func:`read_bool` / :func:`read_str`, which accept only
+declared names (:func:`declare`) and, when no mapping is passed, read the environment the core is
+asking about (:func:`using_environ`; ``os.environ`` otherwise). Nothing here is read on the
+dispatch/combine hot path: settings are parsed once, at selection or backend construction.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional
 
 from .errors import ConfigError
+from .spec import Boolean, EnvVar, Integer, OneOf, Text, Words
 
-__all__ = ["ENV_VARS", "EnvVar", "Settings", "load_settings", "read_bool", "read_int", "read_str"]
+__all__ = ["CORE_VARS", "ENV_VARS", "EnvVar", "Settings", "current_environ", "declare", "declared",
+           "load_settings", "read_bool", "read_int", "read_str", "using_environ"]
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 
-@dataclass(frozen=True)
-class EnvVar:
-    name: str
-    default: str
-    help: str
-    scope: str = "core"
-
-
-ENV_VARS: dict[str, EnvVar] = {
-    v.name: v
-    for v in (
-        EnvVar("MCORE_EP_BACKEND", "", "Backend to use: a name or alias, `auto` (highest-priority available), "
-               "or `off`. Unset: nothing is installed automatically; `install()` then behaves as `auto`."),
-        EnvVar("MCORE_EP_FALLBACK", "", "Backend to use instead when the named one is unavailable or fails to "
-               "initialise (e.g. `torch`). Unset: such a failure is an error."),
-        EnvVar("MCORE_EP_PLUGINS_AUTOLOAD", "1", "`0`: load only the built-in plugins, no third-party entry points."),
-        EnvVar("MCORE_EP_PLUGINS_DISABLE", "", "Comma-separated plugin or backend names to block."),
-        EnvVar("MCORE_EP_CHECK_RANKS", "1", "`0`: skip the one-time check that all ranks of a group chose the "
-               "same backend and parameters."),
-        EnvVar("MCORE_EP_ALLOW_UNTESTED_MEGATRON", "0", "`1`: patch a megatron-core version the patch table does "
-               "not list, with the newest table entry (targets and signatures are still verified)."),
-        EnvVar("MCORE_EP_LOG", "info", "Log level of the `megatron_ep_plugins` logger (debug, info, warning)."),
-        EnvVar("MCORE_EP_FAULT_PROPAGATION", "1", "`1`: when one rank raises inside dispatch/combine (or their "
-               "backward passes), the other ranks of that expert-parallel group print one line naming that rank "
-               "and its error and exit with code 1 within a few seconds, instead of waiting in the collective "
-               "until a timeout. `0`: off."),
-        # DeepEP legacy (V1) Buffer
-        EnvVar("MCORE_EP_LEGACY_NUM_SMS", "", "SMs for DeepEP V1 kernels; default Megatron's "
-               "`moe_flex_dispatcher_num_sms` (20).", "legacy"),
-        # DeepEP V2 ElasticBuffer
-        EnvVar("MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK", "", "Pin `num_max_tokens_per_rank` (must be equal on all "
-               "ranks). Unset: the first dispatch's token count rounded up to a power of two (min 256), "
-               "agreed across ranks; a larger batch later rebuilds the buffer at the next power of two.",
-               "elastic"),
-        EnvVar("MCORE_EP_ELASTIC_HIDDEN", "", "Hidden size used to size the buffer; unset: taken from the first "
-               "dispatch's `x`.", "elastic"),
-        EnvVar("MCORE_EP_ELASTIC_NUM_TOPK", "", "Top-k used to size the buffer; unset: from the first dispatch.",
-               "elastic"),
-        EnvVar("MCORE_EP_ELASTIC_NUM_QPS", "0", "`num_allocated_qps` (0 = automatic; AWS EFA needs a small budget, "
-               "e.g. 4).", "elastic"),
-        EnvVar("MCORE_EP_ELASTIC_NUM_SMS", "", "SMs per dispatch (combine reuses the dispatch handle's); unset: "
-               "Megatron's `moe_flex_dispatcher_num_sms`.", "elastic"),
-        EnvVar("MCORE_EP_ELASTIC_DETERMINISTIC", "0", "`1`: deterministic receive order (slower).", "elastic"),
-        EnvVar("MCORE_EP_ELASTIC_HYBRID_MODE", "auto", "`allow_hybrid_mode`: `auto` (off when GPU-initiated "
-               "networking is disabled via `EP_DISABLE_GIN=1`), `1` or `0`.", "elastic"),
-        EnvVar("MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH", "0", "`1`: agree on token count/shape/ids across ranks at every "
-               "dispatch (one small all_reduce + host sync) so the buffer can grow and bad ids fail on all ranks; "
-               "`0`: only at a group's first dispatch.", "elastic"),
-        EnvVar("MCORE_EP_ELASTIC_FP8", "0", "`1`: build the buffer for FP8 dispatch input.", "elastic"),
-        # HybridEP
-        EnvVar("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", "", "HybridEP `max_num_of_tokens_per_rank`; unset: the "
-               "largest token count seen on any rank, rounded up to a multiple of 64.", "hybridep"),
-        # NCCL EP (nccl-extensions, nccl.ep)
-        EnvVar("MCORE_EP_NCCLEP_ALGORITHM", "auto", "`ht` (high throughput, training), `ll` (low latency, "
-               "forward-only) or `auto`: LL when no input requires grad, the agreed token count is at most "
-               "`MCORE_EP_NCCLEP_LL_MAX_TOKENS`, hidden % 512 == 0, top-k <= 31 and NCCL reports GIN; else HT.",
-               "ncclep"),
-        EnvVar("MCORE_EP_NCCLEP_LL_MAX_TOKENS", "128", "Largest agreed tokens per rank for which `auto` picks LL "
-               "(0: never).", "ncclep"),
-        EnvVar("MCORE_EP_NCCLEP_MAX_TOKENS_PER_RANK", "", "Pin `max_dispatch_tokens_per_rank` (a multiple of 4, at "
-               "most 8192). Unset: the agreed largest token count rounded up to a power of two (min 128); a larger "
-               "batch later grows the group on every rank together.", "ncclep"),
-        EnvVar("MCORE_EP_NCCLEP_NUM_SMS", "", "`max_num_sms` of the nccl.ep group (0 = library default); unset: "
-               "Megatron's `moe_flex_dispatcher_num_sms`.", "ncclep"),
-        EnvVar("MCORE_EP_NCCLEP_TIMEOUT_MS", "", "GPU-side wait timeout of nccl.ep's LL kernels (`timeout_ns`); "
-               "unset: the library default (~100 s). A peer silent for longer traps the kernel (an error on the "
-               "other ranks, not a hang), or is masked with `MCORE_EP_NCCLEP_ACTIVE_MASK=1`. nccl.ep's own "
-               "`NCCL_EP_TIMEOUT_MS` overrides it.", "ncclep"),
-        EnvVar("MCORE_EP_NCCLEP_ACTIVE_MASK", "0", "`1`: LL groups mask a timed-out peer instead of trapping "
-               "(`enable_mask`); the adapter then checks nccl.ep's async-error flag after each LL operation and "
-               "raises `NcclEpRankFailure` naming the masked ranks. Not available with `ALGORITHM=ht`.", "ncclep"),
+#: The core's own variables (backends declare theirs in their ``BackendSpec``).
+CORE_VARS: tuple[EnvVar, ...] = tuple(
+    EnvVar(name, default, help, parse, scope="core", provider="megatron_ep_plugins")
+    for name, default, parse, help in (
+        ("MCORE_EP_BACKEND", "", Text("a backend name or alias, auto, or off"),
+         "Backend to use: a name or alias, `auto` (highest-priority available), or `off`. Unset: nothing is "
+         "installed automatically; `install()` then behaves as `auto`."),
+        ("MCORE_EP_FALLBACK", "", Text("a backend name or alias"),
+         "Backend to use instead when the named one is unavailable or fails to initialise (e.g. `torch`); it must "
+         "name a registered backend. Unset: such a failure is an error."),
+        ("MCORE_EP_PLUGINS_AUTOLOAD", "1", Boolean(),
+         "`0`: load only the built-in plugins, no third-party entry points."),
+        ("MCORE_EP_PLUGINS_DISABLE", "", Words("comma-separated names: NAME, plugin:NAME, backend:NAME, dist:NAME"),
+         "Plugins or backends to block (any case). `NAME` blocks a plugin or backend of that name; `plugin:NAME`, "
+         "`backend:NAME` and `dist:DISTRIBUTION` (every plugin of an installed distribution) block exactly one kind."),
+        ("MCORE_EP_CHECK_RANKS", "1", Boolean(),
+         "`0`: this rank does not wait for the once-per-group check that all ranks chose the same backend and "
+         "parameters (it still publishes its choice, so ranks that do check fail cleanly on a mismatch)."),
+        ("MCORE_EP_CHECK_RANKS_TIMEOUT", "300", Integer(1, 86400),
+         "Seconds a rank waits at a group's first dispatch for the other ranks' choices (through the process "
+         "group's store) before failing with the list of ranks that never arrived."),
+        ("MCORE_EP_ALLOW_UNTESTED_MEGATRON", "0", Boolean(),
+         "`1`: patch a megatron-core version the patch table does not list, with the newest table entry "
+         "(targets and signatures are still verified)."),
+        ("MCORE_EP_LOG", "info", OneOf(*_LOG_LEVELS),
+         "Log level of the `megatron_ep_plugins` logger (debug, info, warning, error)."),
+        ("MCORE_EP_FAULT_PROPAGATION", "1", Boolean(),
+         "`1`: when one rank raises inside dispatch/combine (or their backward passes), the other ranks of that "
+         "expert-parallel group print one line naming that rank and its error and exit with code 1 within a few "
+         "seconds, instead of waiting in the collective until a timeout. `0`: off."),
     )
-}
+)
+
+#: The core's variables by name (kept under this name for readers of earlier versions).
+ENV_VARS: dict[str, EnvVar] = {v.name: v for v in CORE_VARS}
+
+# Every declared variable by name: the core's, plus those declared by backend modules (``declare``)
+# and by plugins seen at discovery. Only used to answer read_* (name check and default).
+_declared: dict[str, EnvVar] = dict(ENV_VARS)
+
+# The environment the core is asking about (install/explain/list_backends(environ=...)); unset: os.environ.
+_environ: contextvars.ContextVar[Optional[Mapping[str, str]]] = contextvars.ContextVar(
+    "megatron_ep_plugins_environ", default=None)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def _raw(name: str, environ: Optional[Mapping[str, str]]) -> str:
-    if name not in ENV_VARS:
-        raise KeyError(f"{name} is not a registered megatron_ep_plugins variable; add it to config.ENV_VARS")
+def declare(*variables: EnvVar) -> tuple[EnvVar, ...]:
+    """Make ``variables`` readable through :func:`read_int` & co.; returns them (for ``settings=``).
+
+    A backend module writes ``SETTINGS = declare(EnvVar(...), ...)`` and passes
+    ``BackendSpec(..., settings=SETTINGS)``. The first declaration of a name is kept here; two
+    plugins declaring one name is reported by discovery, naming both.
+    """
+    for var in variables:
+        if not isinstance(var, EnvVar):
+            raise TypeError(f"declare() takes EnvVar records, got {var!r}")
+        _declared.setdefault(var.name, var)
+    return tuple(variables)
+
+
+def declared(name: str) -> Optional[EnvVar]:
+    """The declaration of ``name`` seen so far in this process, else ``None``."""
+    return _declared.get(name)
+
+
+def current_environ() -> Mapping[str, str]:
+    """The environment the core is asking about now (``os.environ`` outside :func:`using_environ`)."""
+    env = _environ.get()
+    return os.environ if env is None else env
+
+
+@contextlib.contextmanager
+def using_environ(environ: Optional[Mapping[str, str]]) -> Iterator[Mapping[str, str]]:
+    """Within the block, :func:`current_environ` and ``read_*`` (without a mapping) see ``environ``."""
     env = os.environ if environ is None else environ
-    return env.get(name, ENV_VARS[name].default).strip()
+    token = _environ.set(env)
+    try:
+        yield env
+    finally:
+        _environ.reset(token)
 
 
-def read_str(name: str, environ: Optional[Mapping[str, str]] = None) -> str:
-    """The variable's value with surrounding space removed (its default when unset)."""
+def _raw(name: Any, environ: Optional[Mapping[str, str]]) -> str:
+    var = name if isinstance(name, EnvVar) else _declared.get(name)
+    if var is None:
+        raise KeyError(f"{name} is not a declared megatron_ep_plugins variable: declare it in the backend's "
+                       f"BackendSpec(settings=declare(EnvVar({name!r}, ...)))")
+    env = current_environ() if environ is None else environ
+    return str(env.get(var.name, "")).strip() or var.default
+
+
+def read_str(name: Any, environ: Optional[Mapping[str, str]] = None) -> str:
+    """The variable's value with surrounding space removed (its default when unset or empty)."""
     return _raw(name, environ)
 
 
-def read_bool(name: str, environ: Optional[Mapping[str, str]] = None) -> bool:
+def read_bool(name: Any, environ: Optional[Mapping[str, str]] = None) -> bool:
     value = _raw(name, environ).lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ConfigError(f"{name}={value!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
+    label = name.name if isinstance(name, EnvVar) else name
+    raise ConfigError(f"{label}={value!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
 
 
 def read_int(
-    name: str, environ: Optional[Mapping[str, str]] = None, *, minimum: int = 0
+    name: Any, environ: Optional[Mapping[str, str]] = None, *, minimum: int = 0
 ) -> Optional[int]:
-    """The variable as an int >= ``minimum``, or ``None`` when it is unset/empty."""
+    """The variable as an int >= ``minimum`` (and within its declared bounds), or ``None`` when unset/empty."""
     value = _raw(name, environ)
     if value == "":
         return None
+    label = name.name if isinstance(name, EnvVar) else name
     try:
         number = int(value, 10)
     except ValueError:
-        raise ConfigError(f"{name}={value!r} is not an integer (expected e.g. {name}=8192)") from None
+        raise ConfigError(f"{label}={value!r} is not an integer (expected e.g. {label}=8192)") from None
     if number < minimum:
-        raise ConfigError(f"{name}={number} is out of range: it must be >= {minimum}")
+        raise ConfigError(f"{label}={number} is out of range: it must be >= {minimum}")
+    var = name if isinstance(name, EnvVar) else _declared[name]
+    if isinstance(var.parse, Integer):
+        var.parse(label, value)  # the declared bounds
     return number
 
 
-def _names(name: str, environ: Optional[Mapping[str, str]]) -> tuple[str, ...]:
-    return tuple(part.strip().lower() for part in _raw(name, environ).split(",") if part.strip())
+#: Prefixes of ``MCORE_EP_PLUGINS_DISABLE`` words that block exactly one kind of thing.
+DISABLE_KINDS = ("plugin", "backend", "dist")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The core's settings. ``backend`` is ``"auto"``, ``"off"`` or a lower-cased name."""
+    """The core's settings. ``backend`` is ``"auto"``, ``"off"`` or a lower-cased name.
+
+    ``disabled`` holds the ``MCORE_EP_PLUGINS_DISABLE`` words, lower-cased (``"name"``,
+    ``"plugin:name"``, ``"backend:name"``, ``"dist:name"``). ``environ`` is the mapping the settings
+    were read from (what probes and factories are asked about); ``fingerprint`` is every
+    ``MCORE_EP_*`` value in it, so two settings are equal only if no such variable differs.
+    """
 
     backend: str = "auto"
     backend_is_set: bool = False
@@ -147,8 +177,11 @@ class Settings:
     autoload_plugins: bool = True
     disabled: tuple[str, ...] = ()
     check_ranks: bool = True
+    check_timeout: int = 300
     allow_untested_megatron: bool = False
     log_level: str = "info"
+    fingerprint: tuple[tuple[str, str], ...] = ()
+    environ: Optional[Mapping[str, str]] = field(default=None, compare=False, repr=False)  # None: os.environ
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -158,6 +191,7 @@ class Settings:
             "autoload_plugins": self.autoload_plugins,
             "disabled": list(self.disabled),
             "check_ranks": self.check_ranks,
+            "check_timeout": self.check_timeout,
             "allow_untested_megatron": self.allow_untested_megatron,
             "log_level": self.log_level,
         }
@@ -165,7 +199,6 @@ class Settings:
 
 _OFF_WORDS = {"off", "none", "0", "false", "disabled"}
 _AUTO_WORDS = {"auto", "default", ""}
-_LOG_LEVELS = {"debug", "info", "warning", "error"}
 
 
 def normalize_backend_request(value: str) -> str:
@@ -176,6 +209,22 @@ def normalize_backend_request(value: str) -> str:
     if word in _AUTO_WORDS:
         return "auto"
     return word
+
+
+def _disable_words(env: Mapping[str, str]) -> tuple[str, ...]:
+    words = ENV_VARS["MCORE_EP_PLUGINS_DISABLE"].value(env) or ()
+    for word in words:
+        kind, sep, rest = word.partition(":")
+        if sep and (kind not in DISABLE_KINDS or not rest):
+            raise ConfigError(
+                f"MCORE_EP_PLUGINS_DISABLE word {word!r} is not understood: use NAME, "
+                + ", ".join(f"{k}:NAME" for k in DISABLE_KINDS) + " (e.g. MCORE_EP_PLUGINS_DISABLE=plugin:my_ep)")
+    return tuple(words)
+
+
+def fingerprint(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Every ``MCORE_EP_*`` variable set in ``environ`` (stripped), sorted: what an installation was made for."""
+    return tuple(sorted((k, str(v).strip()) for k, v in environ.items() if k.startswith("MCORE_EP_")))
 
 
 def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
@@ -190,14 +239,19 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     fallback = None if fallback_raw == "" or fallback_raw in _OFF_WORDS else fallback_raw
     log_level = read_str("MCORE_EP_LOG", env).lower()
     if log_level not in _LOG_LEVELS:
-        raise ConfigError(f"MCORE_EP_LOG={log_level!r} is not a log level: use one of {sorted(_LOG_LEVELS)}")
+        raise ConfigError(f"MCORE_EP_LOG={log_level!r} is not a log level: use one of {list(_LOG_LEVELS)}")
+    values = {v.name: v.value(env) for v in CORE_VARS if v.name not in ("MCORE_EP_BACKEND", "MCORE_EP_FALLBACK",
+                                                                        "MCORE_EP_LOG", "MCORE_EP_PLUGINS_DISABLE")}
     return Settings(
         backend=normalize_backend_request(backend_raw or ""),
         backend_is_set=backend_raw is not None and backend_raw.strip() != "",
         fallback=fallback,
-        autoload_plugins=read_bool("MCORE_EP_PLUGINS_AUTOLOAD", env),
-        disabled=_names("MCORE_EP_PLUGINS_DISABLE", env),
-        check_ranks=read_bool("MCORE_EP_CHECK_RANKS", env),
-        allow_untested_megatron=read_bool("MCORE_EP_ALLOW_UNTESTED_MEGATRON", env),
+        autoload_plugins=values["MCORE_EP_PLUGINS_AUTOLOAD"],
+        disabled=_disable_words(env),
+        check_ranks=values["MCORE_EP_CHECK_RANKS"],
+        check_timeout=values["MCORE_EP_CHECK_RANKS_TIMEOUT"],
+        allow_untested_megatron=values["MCORE_EP_ALLOW_UNTESTED_MEGATRON"],
         log_level=log_level,
+        fingerprint=fingerprint(env),
+        environ=env,
     )

@@ -12,6 +12,7 @@ __all__ = [
     "NoBackendAvailableError",
     "PatchError",
     "RankMismatchError",
+    "RankTimeoutError",
     "UnknownBackendError",
 ]
 
@@ -25,7 +26,7 @@ class ConfigError(EPPluginError, ValueError):
 
 
 class DuplicateBackendError(EPPluginError):
-    """Two plugins registered the same backend name or alias."""
+    """Two providers claim one name: an entry-point (plugin) name, a backend name or alias, or a variable."""
 
 
 class UnknownBackendError(EPPluginError, LookupError):
@@ -50,6 +51,10 @@ class PatchError(EPPluginError):
 
 class RankMismatchError(EPPluginError):
     """Ranks of one process group selected different backends or parameters."""
+
+
+class RankTimeoutError(RankMismatchError):
+    """Some ranks of a group did not reach the agreement check in time; the message names them."""
 
 
 class InvalidInputError(EPPluginError, ValueError):

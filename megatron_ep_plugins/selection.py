@@ -10,88 +10,118 @@ Rules (the README states the same):
    ties broken by registration order. If it fails to initialise, the next one is tried and the
    failure is recorded.
 3. An unknown name is answered with every known backend, its availability and reason.
+4. Before any of this: a name claimed twice (see ``manager.py``) is a
+   :class:`~megatron_ep_plugins.errors.DuplicateBackendError`, and a malformed ``MCORE_EP_*`` value
+   (or a ``MCORE_EP_FALLBACK`` naming no backend) a :class:`~megatron_ep_plugins.errors.ConfigError`,
+   whatever the mode; a factory raising ``ConfigError`` stops the selection too. Only a missing
+   library or device makes a backend "unavailable".
+
+Probes and factories run with the environment being asked about (``settings.environ``): passed as
+``env=`` when they take that parameter, and seen by ``config.read_*`` otherwise.
+
+The records (:class:`~megatron_ep_plugins.spec.Choice`, :class:`~megatron_ep_plugins.spec.Verdict`)
+live in ``spec.py`` with the others; they are re-exported here.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
-from dataclasses import dataclass, replace
-from typing import Any, Optional
+import os
+from dataclasses import replace
+from typing import Any, Callable, Mapping, Optional
 
-from .config import Settings, normalize_backend_request
+from .config import Settings, normalize_backend_request, using_environ
 from .errors import (
     BackendInitError,
     BackendUnavailableError,
+    ConfigError,
     EPPluginError,
     NoBackendAvailableError,
     UnknownBackendError,
 )
 from .manager import Registry
-from .spec import Availability, BackendSpec, Candidate, EPBackend
+from .spec import Availability, BackendEnv, BackendSpec, Candidate, Choice, EPBackend, Verdict
 
-__all__ = ["Choice", "Verdict", "probe_all", "select", "select_and_create"]
+__all__ = ["Choice", "Verdict", "backend_env", "probe_all", "select", "select_and_create", "validate_environment"]
 
 log = logging.getLogger("megatron_ep_plugins")
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """One backend's part in a selection. ``outcome``: chosen | rejected | skipped | disabled | failed."""
-
-    name: str
-    provider: str
-    priority: int
-    available: bool
-    reason: str
-    outcome: str
-    why: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+def _environ(settings: Optional[Settings]) -> Optional[Mapping[str, str]]:
+    return None if settings is None else settings.environ
 
 
-@dataclass(frozen=True)
-class Choice:
-    """The selected backend and the full explanation of the decision.
-
-    ``mode``: ``explicit`` (user named it), ``policy`` (site hook named it), ``auto`` (priority),
-    ``fallback`` (``MCORE_EP_FALLBACK`` replaced a failed named backend).
-    """
-
-    spec: BackendSpec
-    mode: str
-    requested: str
-    verdicts: tuple[Verdict, ...]
-    notes: tuple[str, ...] = ()
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def summary(self) -> str:
-        lines = [f"megatron_ep_plugins: backend {self.spec.name!r} (provider {self.spec.provider!r}, "
-                 f"mode {self.mode}, requested {self.requested!r})"]
-        for v in self.verdicts:
-            mark = {"chosen": "*", "failed": "!", "disabled": "x"}.get(v.outcome, "-")
-            lines.append(f"  {mark} {v.name:<10} prio {v.priority:>4}  {v.outcome:<8} {v.why}")
-        lines.extend(f"  note: {n}" for n in self.notes)
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.spec.name,
-            "provider": self.spec.provider,
-            "mode": self.mode,
-            "requested": self.requested,
-            "capabilities": self.spec.capabilities.as_dict(),
-            "candidates": [v.as_dict() for v in self.verdicts],
-            "notes": list(self.notes),
-        }
+def backend_env(spec: BackendSpec, environ: Mapping[str, str]) -> BackendEnv:
+    """``spec``'s declared variables parsed from ``environ`` (:class:`ConfigError` on a bad value)."""
+    return BackendEnv({v.name: v.value(environ) for v in spec.settings}, environ)
 
 
-def _safe_probe(spec: BackendSpec) -> Availability:
+def _wants_env(fn: Callable[..., Any]) -> bool:
     try:
-        verdict = spec.probe()
+        return "env" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins, some C callables: called without arguments
+        return False
+
+
+def _call(fn: Callable[..., Any], spec: BackendSpec, environ: Mapping[str, str]) -> Any:
+    """Call a probe or factory with the environment it is asked about (``env=`` if it takes one)."""
+    with using_environ(environ) as env:
+        if _wants_env(fn):
+            return fn(env=backend_env(spec, env))
+        return fn()
+
+
+def validate_environment(registry: Registry, settings: Settings) -> list[str]:
+    """Every declared variable parses and every backend's ``validate`` passes, else one :class:`ConfigError`.
+
+    A malformed value is an error whatever the mode (it never just makes a backend "unavailable",
+    which under ``auto`` would move the job to another backend). ``MCORE_EP_FALLBACK`` must name a
+    registered backend. Returns notes: ``MCORE_EP_*`` variables that nobody declared, with the
+    closest declared names.
+    """
+    env = os.environ if settings.environ is None else settings.environ
+    problems: list[str] = []
+    bad: set[str] = set()
+    for var in registry.variables:
+        try:
+            var.value(env)
+        except ConfigError as exc:
+            bad.add(var.name)
+            problems.append(f"{exc} (read by {var.scope})")
+    for spec in registry.backends:
+        if spec.validate is None or bad.intersection(v.name for v in spec.settings):
+            continue
+        try:
+            benv = backend_env(spec, env)
+            with using_environ(env):
+                spec.validate(benv)
+        except ConfigError as exc:
+            problems.append(f"{exc} (read by {spec.name})")
+        except Exception as exc:  # a validate that crashes is the plugin's fault: say so, do not guess
+            problems.append(f"backend {spec.name!r} (plugin {spec.provider!r}): its settings check raised "
+                            f"{type(exc).__name__}: {exc}")
+    if settings.fallback is not None and registry.lookup(settings.fallback) is None \
+            and registry.lookup_disabled(settings.fallback) is None:
+        names = sorted(n for s in registry.backends for n in s.names)
+        problems.append(f"MCORE_EP_FALLBACK={settings.fallback!r} names no registered backend; valid names: {names}")
+    if problems:
+        raise ConfigError("invalid megatron_ep_plugins settings (nothing was selected or installed):\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+    declared = {v.name for v in registry.variables}
+    notes = []
+    for name in sorted(k for k in env if k.startswith("MCORE_EP_") and k not in declared):
+        close = difflib.get_close_matches(name, sorted(declared), n=3, cutoff=0.8)
+        hint = f"did you mean {close}?" if close else "no loaded plugin declares it"
+        notes.append(f"{name} is set but no loaded plugin or the core declares it ({hint}); "
+                     "`megatron-ep env` lists the declared variables")
+    return notes
+
+
+def _safe_probe(spec: BackendSpec, environ: Optional[Mapping[str, str]] = None) -> Availability:
+    try:
+        verdict = _call(spec.probe, spec, os.environ if environ is None else environ)
     except Exception as exc:  # a probe must not raise; treat it as "unavailable, here is why"
         return Availability.no(f"availability probe raised {type(exc).__name__}: {exc}")
     if not isinstance(verdict, Availability):
@@ -99,10 +129,14 @@ def _safe_probe(spec: BackendSpec) -> Availability:
     return verdict
 
 
-def probe_all(registry: Registry) -> tuple[Candidate, ...]:
-    """Probe every usable backend; order: priority descending, then registration order."""
+def probe_all(registry: Registry, settings: Optional[Settings] = None) -> tuple[Candidate, ...]:
+    """Probe every usable backend (in ``settings.environ``, default ``os.environ``).
+
+    Order: priority descending, then registration order.
+    """
+    environ = _environ(settings)
     order = sorted(range(len(registry.backends)), key=lambda i: (-registry.backends[i].priority, i))
-    return tuple(Candidate(registry.backends[i], _safe_probe(registry.backends[i])) for i in order)
+    return tuple(Candidate(registry.backends[i], _safe_probe(registry.backends[i], environ)) for i in order)
 
 
 def _table(candidates: tuple[Candidate, ...], registry: Registry) -> str:
@@ -166,13 +200,16 @@ def select(
     :func:`select_and_create` to move on under ``auto``).
     """
     failed = failed or {}
-    candidates = probe_all(registry)
+    registry.raise_for_conflicts()
+    env_notes = validate_environment(registry, settings)
+    candidates = probe_all(registry, settings)
     source = "install(backend=...)" if requested is not None else "MCORE_EP_BACKEND"
     want = normalize_backend_request(requested if requested is not None else settings.backend)
     if want == "off":
         raise EPPluginError(f"{source} is 'off': no backend is to be installed")
     why: dict[str, tuple[str, str]] = {n: ("failed", f"factory raised: {e}") for n, e in failed.items()}
     notes = list(registry.notes) + [f"plugin {p.name!r} failed to load: {p.error}" for p in registry.failed_plugins()]
+    notes += env_notes
 
     if want != "auto":
         cand = _resolve(want, candidates, registry, f"{source}={want!r}")
@@ -248,7 +285,9 @@ def select_and_create(
     while True:
         choice = select(registry, settings, requested, failed=failed)
         try:
-            backend = choice.spec.factory()
+            backend = _call(choice.spec.factory, choice.spec, os.environ if settings.environ is None else settings.environ)
+        except ConfigError:
+            raise  # a malformed value is the user's to fix, never a reason to move on to another backend
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             failed[choice.spec.name] = error

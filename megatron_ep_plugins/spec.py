@@ -1,14 +1,18 @@
-"""Typed records exchanged between plugins and the core.
+"""Typed records exchanged between plugins and the core (the bottom layer: imports only ``errors``).
 
 Everything a backend author needs besides :mod:`megatron_ep_plugins.hookspecs` lives here:
 
 * :class:`BackendSpec` -- what a plugin registers (name, priority, capabilities, a cheap
-  availability probe and a lazy factory);
+  availability probe, a lazy factory and the ``MCORE_EP_*`` variables the backend reads);
+* :class:`EnvVar` with its parsers :class:`Integer`, :class:`Boolean`, :class:`OneOf`,
+  :class:`Text`, :class:`Words` -- one environment variable: name, default, meaning, values;
+* :class:`BackendEnv` -- the environment a probe or factory is asked about (parsed values);
 * :class:`Availability` -- the probe's verdict, always with a human reason;
 * :class:`Capabilities` -- what a backend declares it can do;
 * :class:`EPBackend` -- the protocol the factory's product implements: the primitive
-  dispatch/combine operations of the contract in ``shared/design/backend-contract.md``;
-* :class:`DispatchResult` -- what :meth:`EPBackend.dispatch` returns.
+  dispatch/combine operations of the contract in ``docs/backend-contract.md``;
+* :class:`DispatchResult` -- what :meth:`EPBackend.dispatch` returns;
+* :class:`Candidate`, :class:`Verdict`, :class:`Choice` -- what the selection policy saw and chose.
 
 This module imports nothing heavy: ``torch`` is only named in annotations.
 """
@@ -17,7 +21,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Protocol, Union
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     import torch
@@ -29,13 +35,23 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
 
 __all__ = [
     "Availability",
+    "BackendEnv",
     "BackendSpec",
+    "Boolean",
     "Candidate",
     "Capabilities",
+    "Choice",
     "DispatchResult",
     "EPBackend",
+    "EnvVar",
+    "Integer",
     "NAME_PATTERN",
+    "OneOf",
     "RESERVED_NAMES",
+    "Text",
+    "VARIABLE_PATTERN",
+    "Verdict",
+    "Words",
     "validate_name",
 ]
 
@@ -82,6 +98,188 @@ class Availability:
         return self.available
 
 
+#: ``MCORE_EP_`` then upper-case letters, digits and ``_`` (e.g. ``MCORE_EP_MY_EP_NUM_SMS``).
+VARIABLE_PATTERN = re.compile(r"^MCORE_EP_[A-Z0-9][A-Z0-9_]{0,63}$")
+
+
+def _bad(name: str, raw: str, problem: str) -> ConfigError:
+    return ConfigError(f"{name}={raw!r} {problem}")
+
+
+@dataclass(frozen=True)
+class Integer:
+    """Parser: a base-10 integer in ``[minimum, maximum]`` (and a multiple of ``multiple_of``)."""
+
+    minimum: int = 0
+    maximum: int = 2**31 - 1
+    multiple_of: int = 1
+
+    def __call__(self, name: str, raw: str) -> int:
+        try:
+            number = int(raw, 10)
+        except ValueError:
+            raise _bad(name, raw, f"is not an integer: use {self.describe()}") from None
+        if not self.minimum <= number <= self.maximum:
+            raise _bad(name, raw, f"is out of range: it must be at least {self.minimum} and no larger than "
+                                  f"{self.maximum}")
+        if number % self.multiple_of:
+            what = "even" if self.multiple_of == 2 else f"a multiple of {self.multiple_of}"
+            raise _bad(name, raw, f"is not {what}: use {self.describe()}")
+        return number
+
+    def describe(self) -> str:
+        step = {1: "", 2: ", even"}.get(self.multiple_of, f", a multiple of {self.multiple_of}")
+        return f"an integer from {self.minimum} to {self.maximum}{step}"
+
+
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Boolean:
+    """Parser: ``1/0``, ``true/false``, ``yes/no``, ``on/off`` (any case)."""
+
+    def __call__(self, name: str, raw: str) -> bool:
+        word = raw.lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+        raise _bad(name, raw, f"is not a boolean: use {self.describe()}")
+
+    def describe(self) -> str:
+        return "1/0, true/false, yes/no or on/off"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Parser: one of ``words`` (compared lower-case); returns the word, or ``mapping[word]`` if given."""
+
+    words: tuple[str, ...]
+    mapping: Optional[Mapping[str, Any]] = field(default=None, compare=False)
+
+    def __init__(self, *words: str, mapping: Optional[Mapping[str, Any]] = None) -> None:
+        object.__setattr__(self, "words", tuple(w.lower() for w in words))
+        object.__setattr__(self, "mapping", mapping)
+
+    def __call__(self, name: str, raw: str) -> Any:
+        word = raw.lower()
+        if word not in self.words:
+            raise _bad(name, raw, f"is invalid: use {self.describe()}")
+        return self.mapping[word] if self.mapping is not None and word in self.mapping else word
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.words)
+
+
+@dataclass(frozen=True)
+class Text:
+    """Parser: any text (surrounding space removed); the consumer checks it (e.g. a backend name)."""
+
+    what: str = "text"
+
+    def __call__(self, name: str, raw: str) -> str:
+        return raw
+
+    def describe(self) -> str:
+        return self.what
+
+
+@dataclass(frozen=True)
+class Words:
+    """Parser: a comma-separated list of words, lower-cased, empty items dropped."""
+
+    what: str = "comma-separated names"
+
+    def __call__(self, name: str, raw: str) -> tuple[str, ...]:
+        return tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+
+    def describe(self) -> str:
+        return self.what
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One ``MCORE_EP_*`` environment variable, declared by the core or by the backend that reads it.
+
+    * ``name``: see :data:`VARIABLE_PATTERN`; by convention ``MCORE_EP_<BACKEND>_<WHAT>``.
+    * ``default``: the text used when the variable is unset or empty (``""``: "unset" has its own
+      meaning, said in ``help``); it must parse.
+    * ``help``: one or two sentences for ``megatron-ep env`` and the README table: what it does, what
+      unset means.
+    * ``parse``: a parser (:class:`Integer`, :class:`Boolean`, :class:`OneOf`, :class:`Text`,
+      :class:`Words`, or any callable ``(name, raw) -> value`` raising
+      :class:`~megatron_ep_plugins.errors.ConfigError`, with a ``describe()`` method). Give numbers
+      bounds: a value out of them is an error on every rank, whatever backend ends up selected.
+    * ``scope``, ``provider``: filled in by the plugin manager (the backend's name and the
+      plugin's); a plugin leaves them empty. The core's own variables have scope ``core``.
+
+    Example::
+
+        EnvVar("MCORE_EP_MY_EP_NUM_SMS", "", "SMs per dispatch; unset: Megatron's value.",
+               parse=Integer(0, 1024))
+    """
+
+    name: str
+    default: str = ""
+    help: str = ""
+    parse: Callable[[str, str], Any] = field(default_factory=Text)
+    scope: str = ""
+    provider: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not VARIABLE_PATTERN.match(self.name):
+            raise ValueError(f"invalid variable name {self.name!r}: use MCORE_EP_ followed by upper-case letters, "
+                             "digits or '_' (e.g. 'MCORE_EP_MY_EP_NUM_SMS')")
+        if not callable(self.parse):
+            raise TypeError(f"EnvVar {self.name}: parse must be a parser such as Integer(0, 1024), got {self.parse!r}")
+        if not isinstance(self.default, str):
+            raise TypeError(f"EnvVar {self.name}: default must be the text of the value, got {self.default!r}")
+
+    def describe(self) -> str:
+        """The accepted values in words (``"an integer from 0 to 1024"``)."""
+        describe = getattr(self.parse, "describe", None)
+        return describe() if callable(describe) else "see its description"
+
+    def value(self, environ: Mapping[str, str]) -> Any:
+        """The parsed value in ``environ`` (the default when unset or empty; ``None`` when both are empty).
+
+        :raises ConfigError: the value (or the default) does not parse, with the accepted values.
+        """
+        raw = str(environ.get(self.name, "")).strip() or self.default
+        if raw == "":
+            return None
+        return self.parse(self.name, raw)
+
+
+@dataclass(frozen=True)
+class BackendEnv:
+    """The environment a probe or factory is asked about (``install(environ=...)``, or ``os.environ``).
+
+    A probe or factory that declares a parameter named ``env`` receives one. ``values`` holds this
+    backend's declared variables, parsed and validated (the default's value when unset, ``None``
+    when unset without a default); ``environ`` is the whole mapping, for anything else (a library's
+    own variables). ``env["MCORE_EP_MY_EP_NUM_SMS"]`` reads ``values``.
+    """
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise KeyError(f"{name} is not a variable this backend declared; declared: {sorted(self.values)}") \
+                from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend declares it supports; the core and the conformance kit read these.
@@ -122,14 +320,22 @@ class BackendSpec:
     """One dispatch/combine implementation, as registered by a plugin.
 
     * ``name``: unique, see :data:`NAME_PATTERN`; what ``MCORE_EP_BACKEND`` names.
-    * ``factory``: zero-argument callable returning an :class:`EPBackend`. Called once, at
-      install time, never at discovery; this is where the backend library is imported.
-    * ``probe``: zero-argument callable returning :class:`Availability`. Must be cheap (no GPU
-      memory, no collectives, no JIT) and must not raise; a probe that raises is reported as
-      unavailable with the exception as reason.
+    * ``factory``: callable returning an :class:`EPBackend`. Called once, at install time, never at
+      discovery; this is where the backend library is imported. If it has a parameter named ``env``
+      it receives the :class:`BackendEnv` being installed for (else it reads its variables through
+      ``megatron_ep_plugins.config.read_*``, which see the same environment).
+    * ``probe``: callable returning :class:`Availability` (``env`` parameter as for ``factory``).
+      Must be cheap (no GPU memory, no collectives, no JIT) and must not raise; a probe that raises
+      is reported as unavailable with the exception as reason. A probe answers "is the library and
+      hardware here"; a malformed variable is not its business (the core rejects it first).
     * ``priority``: higher wins under ``MCORE_EP_BACKEND=auto``. Built-ins use 0 (``torch``) to
       300 (``elastic``); a third party that wants to beat them in ``auto`` says so explicitly.
     * ``aliases``: other names that select this backend (same rules as ``name``).
+    * ``settings``: every ``MCORE_EP_*`` variable the backend reads, as :class:`EnvVar` records.
+      They appear in ``megatron-ep env`` and the README, and a malformed value is a
+      :class:`~megatron_ep_plugins.errors.ConfigError` on every rank whatever the mode.
+    * ``validate``: optional callable ``(env: BackendEnv) -> None`` for rules that span several
+      variables; it raises :class:`~megatron_ep_plugins.errors.ConfigError`.
     * ``description``: one line for ``megatron-ep list``.
     * ``provider``: filled in by the plugin manager with the registering plugin's name; a
       plugin leaves it empty.
@@ -138,13 +344,15 @@ class BackendSpec:
     """
 
     name: str
-    factory: Callable[[], "EPBackend"]
-    probe: Callable[[], Availability]
+    factory: Callable[..., "EPBackend"]
+    probe: Callable[..., Availability]
     priority: int = 0
     aliases: tuple[str, ...] = ()
     capabilities: Capabilities = field(default_factory=Capabilities)
     description: str = ""
     provider: str = ""
+    settings: tuple[EnvVar, ...] = ()
+    validate: Optional[Callable[[BackendEnv], None]] = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -156,6 +364,10 @@ class BackendSpec:
             raise TypeError(f"BackendSpec {self.name!r}: factory and probe must be callables")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise TypeError(f"BackendSpec {self.name!r}: priority must be an int, got {self.priority!r}")
+        if not isinstance(self.settings, tuple) or not all(isinstance(v, EnvVar) for v in self.settings):
+            raise TypeError(f"BackendSpec {self.name!r}: settings must be a tuple of EnvVar, got {self.settings!r}")
+        if self.validate is not None and not callable(self.validate):
+            raise TypeError(f"BackendSpec {self.name!r}: validate must be a callable or None")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -173,6 +385,61 @@ class Candidate:
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One backend's part in a selection. ``outcome``: chosen | rejected | skipped | disabled | failed."""
+
+    name: str
+    provider: str
+    priority: int
+    available: bool
+    reason: str
+    outcome: str
+    why: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The selected backend and the full explanation of the decision (what ``explain()`` returns).
+
+    ``mode``: ``explicit`` (user named it), ``policy`` (site hook named it), ``auto`` (priority),
+    ``fallback`` (``MCORE_EP_FALLBACK`` replaced a failed named backend).
+    """
+
+    spec: BackendSpec
+    mode: str
+    requested: str
+    verdicts: tuple[Verdict, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def summary(self) -> str:
+        lines = [f"megatron_ep_plugins: backend {self.spec.name!r} (provider {self.spec.provider!r}, "
+                 f"mode {self.mode}, requested {self.requested!r})"]
+        for v in self.verdicts:
+            mark = {"chosen": "*", "failed": "!", "disabled": "x"}.get(v.outcome, "-")
+            lines.append(f"  {mark} {v.name:<10} prio {v.priority:>4}  {v.outcome:<8} {v.why}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.spec.name,
+            "provider": self.spec.provider,
+            "mode": self.mode,
+            "requested": self.requested,
+            "capabilities": self.spec.capabilities.as_dict(),
+            "candidates": [v.as_dict() for v in self.verdicts],
+            "notes": list(self.notes),
+        }
 
 
 class DispatchResult(NamedTuple):

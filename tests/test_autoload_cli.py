@@ -61,6 +61,54 @@ def test_misconfigured_job_stops_at_import_with_the_reason():
     assert "UnknownBackendError" in out.stderr and "unknown backend 'elastik'" in out.stderr and "torch" in out.stderr
 
 
+@pytest.mark.parametrize("env,fragment", [
+    ({"MCORE_EP_BACKEND": "elastik"}, "megatron_ep_plugins: UnknownBackendError: MCORE_EP_BACKEND='elastik'"),
+    ({"MCORE_EP_BACKEND": "torch", "MCORE_EP_ELASTIC_NUM_SMS": "abc"},
+     "megatron_ep_plugins: ConfigError: invalid megatron_ep_plugins settings"),
+])
+def test_zero_code_activation_error_is_the_only_thing_printed(env, fragment):
+    """Issue 8.7: a bad value printed a 50-frame traceback per rank through Megatron's import chain."""
+    out = run_py("import megatron.core.transformer.moe.token_dispatcher", **env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and 'File "' not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.count("megatron_ep_plugins: ") == 1 and fragment in out.stderr
+    assert "MCORE_EP_LOG=debug shows the traceback" in out.stderr
+
+
+def test_zero_code_activation_error_is_still_catchable_and_debug_keeps_the_traceback():
+    code = ("from megatron_ep_plugins.errors import UnknownBackendError\n"
+            "try:\n    import megatron.core.transformer.moe.token_dispatcher\n"
+            "except UnknownBackendError as exc:\n    print('caught', type(exc).__name__)\n")
+    out = run_py(code, MCORE_EP_BACKEND="elastik")
+    assert out.returncode == 0 and "caught UnknownBackendError" in out.stdout, out.stderr[-3000:]
+    out = run_py("import megatron.core.transformer.moe.token_dispatcher", MCORE_EP_BACKEND="elastik", MCORE_EP_LOG="debug")
+    assert out.returncode == 1 and "Traceback" in out.stderr and "UnknownBackendError" in out.stderr
+
+
+def test_cli_reader_going_away_is_not_a_traceback():
+    """Issue 8.8: `megatron-ep list | head -1` ended in a BrokenPipeError traceback."""
+    exe = Path(sys.executable).with_name("megatron-ep")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCORE_EP_")}
+    proc = subprocess.Popen([str(exe), "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    out = subprocess.run(f"'{exe}' list | head -1", shell=True, capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.startswith("megatron_ep_plugins ") and "Traceback" not in out.stderr, out.stderr
+
+
+def test_cli_env_reports_malformed_and_undeclared_values(capsys, monkeypatch):
+    monkeypatch.setenv("MCORE_EP_ELASTIC_NUM_SMS", "abc")
+    monkeypatch.setenv("MCORE_EP_ELASTC_FP8", "1")
+    assert main(["env"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR: MCORE_EP_ELASTIC_NUM_SMS='abc' is not an integer" in out
+    assert "MCORE_EP_ELASTC_FP8" in out and "declared by no loaded plugin" in out
+    assert main(["list"]) == 0  # list still shows everything, with the problem
+    assert "SETTINGS (install/explain refuse until it is fixed): MCORE_EP_ELASTIC_NUM_SMS='abc'" in capsys.readouterr().out
+
+
 def test_cli_list_and_json(capsys):
     assert main(["list"]) == 0
     text = capsys.readouterr().out

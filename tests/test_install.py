@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 
 import megatron_ep_plugins as mep
 from megatron_ep_plugins import hookimpl, patching
 from megatron_ep_plugins.autograd import SLOT_MARK
-from megatron_ep_plugins.errors import PatchError, RankMismatchError
+from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend as TorchA2ABackendForTests
+from megatron_ep_plugins.errors import EPPluginError, PatchError, RankMismatchError
 from megatron_ep_plugins.spec import Availability, BackendSpec
 from distributed import run_ranks
 
@@ -145,3 +147,51 @@ def test_ranks_that_chose_different_backends_fail_together_naming_both():
         assert "selected different backends or parameters" in msg
         assert "global ranks [0]" in msg and '"backend": "torch"' in msg
         assert "global ranks [1]" in msg and '"backend": "clone"' in msg
+
+
+# -- issue 8.6: the environment reaches the backends; a changed value is a new installation; a raising hook ------
+
+def test_changed_backend_variable_is_not_answered_with_the_stale_installation(monkeypatch):
+    first = mep.install("torch")
+    monkeypatch.setenv("MCORE_EP_ELASTIC_NUM_QPS", "4")
+    second = mep.install("torch")
+    assert second is not first and mep.install("torch") is second
+    assert mep.install("torch", environ=dict(os.environ)) is second  # same values, other mapping: same
+    assert mep.install("torch", environ={}) is not second
+
+
+def test_install_environ_reaches_the_backend_factory(monkeypatch):
+    from megatron_ep_plugins.config import read_int
+    from megatron_ep_plugins.spec import EnvVar, Integer
+
+    class Sized(TorchA2ABackendForTests):
+        def __init__(self, env=None):
+            super().__init__()
+            self.n = env["MCORE_EP_SIZED_N"] if env is not None else None
+            self.read = read_int("MCORE_EP_SIZED_N")
+
+    class P:
+        @hookimpl
+        def ep_register_backends(self):
+            return [BackendSpec("sized", priority=-1, factory=lambda env: Sized(env), probe=lambda: Availability.yes(),
+                                settings=(EnvVar("MCORE_EP_SIZED_N", "1", "n", parse=Integer(1, 64)),))]
+    mep.register_plugin(P(), "sized_plugin")
+    monkeypatch.setenv("MCORE_EP_SIZED_N", "9")
+    inst = mep.install("sized", environ={"MCORE_EP_SIZED_N": "5"})
+    assert inst.backend.n == 5 and inst.backend.read == 5
+    assert mep.install("sized").backend.n == 9
+
+
+def test_a_raising_installed_hook_leaves_megatron_unpatched():
+    before = slots()
+
+    class Telemetry:
+        @hookimpl
+        def ep_backend_installed(self, choice):
+            raise RuntimeError("telemetry endpoint down")
+    mep.register_plugin(Telemetry(), "telemetry")
+    with pytest.raises(EPPluginError, match="plugin 'telemetry': its ep_backend_installed hook raised RuntimeError: "
+                                            "telemetry endpoint down.*restored"):
+        mep.install("torch")
+    assert mep.installed() is None and patching.current() is None
+    assert all(slots()[k] is v for k, v in before.items())

@@ -85,7 +85,7 @@ def test_fallback_that_is_unusable_too_names_both_reasons():
     add_backend("slow", available=False, reason="no NIC")
     with pytest.raises(BackendUnavailableError, match="(?s)no GPU.*slow.*no NIC"):
         choose({"MCORE_EP_BACKEND": "fast", "MCORE_EP_FALLBACK": "slow"})
-    with pytest.raises(UnknownBackendError, match="MCORE_EP_FALLBACK='nope'"):
+    with pytest.raises(ConfigError, match="MCORE_EP_FALLBACK='nope' names no registered backend; valid names: .*torch"):
         choose({"MCORE_EP_BACKEND": "fast", "MCORE_EP_FALLBACK": "nope"})
 
 
@@ -197,3 +197,112 @@ def test_off_means_off():
     with pytest.raises(EPPluginError, match="'off'"):
         choose({"MCORE_EP_BACKEND": "off"})
     assert explain("torch", environ={"MCORE_EP_BACKEND": "off"}).name == "torch"  # explicit argument wins
+
+
+# -- issue 8.4: a malformed value is an error whatever the mode; only a missing library is "unavailable" ---------
+
+@pytest.mark.parametrize("mode", ["auto", "torch"])
+@pytest.mark.parametrize("env,fragment", [
+    ({"MCORE_EP_ELASTIC_NUM_SMS": "abc"}, "MCORE_EP_ELASTIC_NUM_SMS='abc' is not an integer"),
+    ({"MCORE_EP_ELASTIC_NUM_SMS": "99999999999999999999"}, "is out of range: it must be at least 0 and no larger than 1024"),
+    ({"MCORE_EP_NCCLEP_TIMEOUT_MS": "99999999999999999999"}, "no larger than 86400000"),
+    ({"MCORE_EP_LEGACY_NUM_SMS": "7"}, "MCORE_EP_LEGACY_NUM_SMS='7' is not even"),
+    ({"MCORE_EP_ELASTIC_HYBRID_MODE": "maybe"}, "use one of auto, 1, 0"),
+    ({"MCORE_EP_NCCLEP_ALGORITHM": "ht", "MCORE_EP_NCCLEP_ACTIVE_MASK": "1"}, "LL algorithm only"),
+    ({"MCORE_EP_FALLBACK": "nonexistent"}, "MCORE_EP_FALLBACK='nonexistent' names no registered backend"),
+    ({"MCORE_EP_CHECK_RANKS_TIMEOUT": "0"}, "MCORE_EP_CHECK_RANKS_TIMEOUT='0' is out of range"),
+])
+def test_malformed_variable_is_an_error_whatever_the_mode(env, fragment, mode):
+    """`MCORE_EP_ELASTIC_NUM_SMS=abc` used to move an `auto` job to the next backend."""
+    add_backend("fast", priority=900, factory=Live)
+    with pytest.raises(ConfigError) as info:
+        choose({"MCORE_EP_BACKEND": mode, **env})
+    assert fragment in str(info.value)
+
+
+def test_every_bad_value_is_reported_at_once_naming_its_reader():
+    with pytest.raises(ConfigError) as info:
+        choose({"MCORE_EP_ELASTIC_NUM_SMS": "abc", "MCORE_EP_NCCLEP_NUM_SMS": "-1"})
+    msg = str(info.value)
+    assert "MCORE_EP_ELASTIC_NUM_SMS='abc'" in msg and "(read by elastic)" in msg
+    assert "MCORE_EP_NCCLEP_NUM_SMS='-1'" in msg and "(read by ncclep)" in msg
+
+
+def test_unavailable_library_is_still_just_unavailable_under_auto():
+    choice = choose({"MCORE_EP_ELASTIC_NUM_SMS": "24"})  # valid value, no deep_ep here
+    assert choice.name == "torch"
+    assert {v.name: v.outcome for v in choice.verdicts}["elastic"] == "rejected"
+
+
+def test_factory_raising_config_error_stops_auto_instead_of_moving_on():
+    from megatron_ep_plugins.errors import ConfigError as CE
+
+    def picky():
+        raise CE("MCORE_EP_FAST_MODE='x' is invalid")
+    add_backend("fast", priority=900, factory=picky)
+    settings = load_settings({})
+    with pytest.raises(ConfigError, match="MCORE_EP_FAST_MODE"):
+        select_and_create(discover(settings), settings)
+
+
+def test_undeclared_mcore_ep_variable_is_noted_with_the_closest_names():
+    choice = choose({"MCORE_EP_ELASTIC_NUM_SM": "24"})
+    assert any("MCORE_EP_ELASTIC_NUM_SM is set but no loaded plugin" in n and "MCORE_EP_ELASTIC_NUM_SMS" in n
+               for n in choice.notes)
+
+
+def test_empty_value_means_the_default_not_false():
+    assert load_settings({"MCORE_EP_CHECK_RANKS": ""}).check_ranks is True
+    assert load_settings({"MCORE_EP_CHECK_RANKS": " 0 "}).check_ranks is False
+
+
+# -- issue 8.6: the environment reaches the backends ----------------------------------------------------------------
+
+def _env_backend(seen):
+    from megatron_ep_plugins.config import read_int
+    from megatron_ep_plugins.spec import EnvVar, Integer
+
+    settings = (EnvVar("MCORE_EP_ENVTEST_SIZE", "3", "a size", parse=Integer(1, 100)),)
+
+    def probe(env):
+        seen.append(("probe", env["MCORE_EP_ENVTEST_SIZE"], read_int("MCORE_EP_ENVTEST_SIZE")))
+        return Availability.yes(f"size {env['MCORE_EP_ENVTEST_SIZE']}")
+
+    def factory():
+        seen.append(("factory", read_int("MCORE_EP_ENVTEST_SIZE")))
+        return Live("envtest")
+
+    class P:
+        @hookimpl
+        def ep_register_backends(self):
+            return [BackendSpec("envtest", priority=-50, factory=factory, probe=probe, settings=settings)]
+    register_plugin(P(), "envtest_plugin")
+
+
+def test_probes_and_factories_see_the_environment_they_are_asked_about(monkeypatch):
+    from megatron_ep_plugins.api import list_backends
+    from megatron_ep_plugins.config import declare
+
+    seen = []
+    _env_backend(seen)
+    monkeypatch.setenv("MCORE_EP_ENVTEST_SIZE", "99")  # os.environ says 99; the callers ask about 7
+    choice = explain("envtest", environ={"MCORE_EP_ENVTEST_SIZE": "7"})
+    assert choice.name == "envtest" and ("probe", 7, 7) in seen
+    _, candidates = list_backends(environ={"MCORE_EP_ENVTEST_SIZE": "8"})
+    assert next(c for c in candidates if c.name == "envtest").availability.reason == "size 8"
+    settings = load_settings({"MCORE_EP_ENVTEST_SIZE": "9"})
+    select_and_create(discover(settings), settings, "envtest")
+    assert ("factory", 9) in seen
+    with pytest.raises(ConfigError, match="MCORE_EP_ENVTEST_SIZE='0' is out of range"):
+        explain("torch", environ={"MCORE_EP_ENVTEST_SIZE": "0"})
+    declare()  # no-op
+
+
+def test_builtin_backends_read_the_environment_asked_about(monkeypatch):
+    """ncclep's probe reads its variables itself (no `env` parameter): it must see `environ=`."""
+    from megatron_ep_plugins.api import list_backends
+
+    _, candidates = list_backends(environ={"MCORE_EP_NCCLEP_ALGORITHM": "ht", "MCORE_EP_NCCLEP_ACTIVE_MASK": "1"})
+    assert "LL algorithm only" in next(c for c in candidates if c.name == "ncclep").availability.reason
+    _, candidates = list_backends(environ={})
+    assert "LL algorithm only" not in next(c for c in candidates if c.name == "ncclep").availability.reason

@@ -70,10 +70,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from ..config import read_bool, read_int, read_str
+from ..config import current_environ, declare, read_bool, read_int, read_str
 from ..errors import ConfigError, InvalidInputError, RankMismatchError
 from ..hookspecs import hookimpl
-from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
+from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer, OneOf
 from . import _deepep_common
 from ._deepep_common import (agree_on_inputs, check_combine_args, check_dispatch_args, check_handle, counts_tensor,
                              check_torch_deterministic, combine_key, decode_nccl_version, device_sm_count,
@@ -162,7 +162,7 @@ class ElasticSettings:
 
 def read_settings(environ: Optional[Mapping[str, str]] = None) -> ElasticSettings:
     """Parse the ``MCORE_EP_ELASTIC_*`` variables; :class:`ConfigError` on a bad value."""
-    env = os.environ if environ is None else environ
+    env = current_environ() if environ is None else environ
     hybrid_raw = read_str("MCORE_EP_ELASTIC_HYBRID_MODE", env).lower()
     if hybrid_raw in ("auto", ""):
         hybrid = env.get("EP_DISABLE_GIN", "").strip() != "1"
@@ -508,6 +508,30 @@ def _probe() -> Availability:
     return Availability.yes(reason, **details)
 
 
+#: The variables this backend reads (megatron-ep env and the README table list them).
+SETTINGS = declare(
+    EnvVar("MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK", "", "Pin `num_max_tokens_per_rank` (must be equal on all "
+           "ranks). Unset: the first dispatch's token count rounded up to a power of two (min 256), agreed across "
+           "ranks; a larger batch later rebuilds the buffer at the next power of two.", Integer(1, 1 << 20)),
+    EnvVar("MCORE_EP_ELASTIC_HIDDEN", "", "Hidden size used to size the buffer; unset: taken from the first "
+           "dispatch's `x`.", Integer(1, 1 << 16)),
+    EnvVar("MCORE_EP_ELASTIC_NUM_TOPK", "", "Top-k used to size the buffer; unset: from the first dispatch.",
+           Integer(1, 1024)),
+    EnvVar("MCORE_EP_ELASTIC_NUM_QPS", "0", "`num_allocated_qps` (0 = automatic; AWS EFA needs a small budget, "
+           "e.g. 4).", Integer(0, 1024)),
+    EnvVar("MCORE_EP_ELASTIC_NUM_SMS", "", "SMs per dispatch (combine reuses the dispatch handle's); unset: "
+           "Megatron's `moe_flex_dispatcher_num_sms`.", Integer(0, 1024)),
+    EnvVar("MCORE_EP_ELASTIC_DETERMINISTIC", "0", "`1`: deterministic receive order (slower).", Boolean()),
+    EnvVar("MCORE_EP_ELASTIC_HYBRID_MODE", "auto", "`allow_hybrid_mode`: `auto` (off when GPU-initiated "
+           "networking is disabled via `EP_DISABLE_GIN=1`), `1` or `0`.",
+           OneOf("auto", "1", "0", "true", "false", "yes", "no", "on", "off")),
+    EnvVar("MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH", "0", "`1`: agree on token count/shape/ids across ranks at every "
+           "dispatch (one small all_reduce + host sync) so the buffer can grow and bad ids fail on all ranks; "
+           "`0`: only at a group's first dispatch.", Boolean()),
+    EnvVar("MCORE_EP_ELASTIC_FP8", "0", "`1`: build the buffer for FP8 dispatch input.", Boolean()),
+)
+
+
 @hookimpl
 def ep_register_backends():
     return [
@@ -517,6 +541,8 @@ def ep_register_backends():
             priority=300,
             factory=DeepEPElasticBackend,
             probe=_probe,
+            settings=SETTINGS,
+            validate=lambda env: read_settings(env.environ),
             capabilities=Capabilities(devices=("cuda",), fp8_dispatch=True, uneven_tokens=True, async_overlap=True,
                                       deterministic_order=False, internode=True),
             description="DeepEP V2 deep_ep.ElasticBuffer (NCCL GIN; pinned/bucketed num_max_tokens_per_rank)",

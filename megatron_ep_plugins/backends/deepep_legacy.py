@@ -64,10 +64,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from ..config import read_int
+from ..config import declare, read_int
 from ..errors import ConfigError, InvalidInputError
 from ..hookspecs import hookimpl
-from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
+from ..spec import Availability, BackendSpec, Capabilities, DispatchResult, EnvVar, Integer
 from ._deepep_common import (check_combine_args, check_dispatch_args, check_handle, check_torch_deterministic,
                              counts_tensor,
                              combine_key, dispatch_key, import_event_classes, owned_weights, probe_deep_ep,
@@ -385,6 +385,13 @@ def _probe() -> Availability:
                             **details)
 
 
+#: The variables this backend reads (megatron-ep env and the README table list them).
+SETTINGS = declare(
+    EnvVar("MCORE_EP_LEGACY_NUM_SMS", "", "SMs for DeepEP V1 kernels; default Megatron's "
+           "`moe_flex_dispatcher_num_sms` (20).", Integer(2, 1024, multiple_of=2)),
+)
+
+
 @hookimpl
 def ep_register_backends():
     return [
@@ -394,6 +401,7 @@ def ep_register_backends():
             priority=200,
             factory=DeepEPLegacyBackend,
             probe=_probe,
+            settings=SETTINGS,
             capabilities=Capabilities(devices=("cuda",), fp8_dispatch=True, uneven_tokens=True, async_overlap=True,
                                       deterministic_order=False, internode=True),
             description="DeepEP V1 deep_ep.Buffer (what Megatron's fused_a2a calls)",

@@ -62,10 +62,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from ..config import read_int
+from ..config import declare, read_int
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
-from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
+from ..spec import Availability, BackendSpec, Capabilities, DispatchResult, EnvVar, Integer
 from ._deepep_common import (agree_on_inputs, check_dispatch_args, check_handle, device_sm_count, dispatch_key,
                              probe_deep_ep, rule_error)
 
@@ -368,6 +368,13 @@ def _probe() -> Availability:
                             **details)
 
 
+#: The variables this backend reads (megatron-ep env and the README table list them).
+SETTINGS = declare(
+    EnvVar("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", "", "HybridEP `max_num_of_tokens_per_rank`; unset: the "
+           "largest token count seen on any rank, rounded up to a multiple of 64.", Integer(1, 1 << 20)),
+)
+
+
 @hookimpl
 def ep_register_backends():
     return [
@@ -377,6 +384,7 @@ def ep_register_backends():
             priority=100,
             factory=HybridEPBackend,
             probe=_probe,
+            settings=SETTINGS,
             capabilities=Capabilities(devices=("cuda",), fp8_dispatch=False, uneven_tokens=True, async_overlap=False,
                                       deterministic_order=False, internode=False),
             description="DeepEP HybridEPBuffer (hybrid-ep branch), padded to equal T; emulator-tested only",

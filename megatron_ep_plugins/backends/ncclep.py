@@ -60,10 +60,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from ..config import read_bool, read_int, read_str
+from ..config import current_environ, declare, read_bool, read_int, read_str
 from ..errors import ConfigError, EPPluginError, InvalidInputError
 from ..hookspecs import hookimpl
-from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
+from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer, OneOf
 from ._deepep_common import check_handle, cuda_problem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -127,7 +127,7 @@ class NcclEpSettings:
 
 def read_settings(environ: Optional[Mapping[str, str]] = None) -> NcclEpSettings:
     """Parse the ``MCORE_EP_NCCLEP_*`` variables; :class:`ConfigError` on a bad value."""
-    env = os.environ if environ is None else environ
+    env = current_environ() if environ is None else environ
     raw = read_str("MCORE_EP_NCCLEP_ALGORITHM", env).lower()
     if raw not in _ALGORITHMS:
         raise ConfigError(f"MCORE_EP_NCCLEP_ALGORITHM={raw!r} is invalid: use auto, ht (high throughput, training) "
@@ -838,6 +838,30 @@ def _probe() -> Availability:
     return Availability.yes(reason, **details)
 
 
+#: The variables this backend reads (megatron-ep env and the README table list them).
+SETTINGS = declare(
+    EnvVar("MCORE_EP_NCCLEP_ALGORITHM", "auto", "`ht` (high throughput, training), `ll` (low latency, "
+           "forward-only) or `auto`: LL when no input requires grad, the agreed token count is at most "
+           "`MCORE_EP_NCCLEP_LL_MAX_TOKENS`, hidden % 512 == 0, top-k <= 31 and NCCL reports GIN; else HT.",
+           OneOf(*_ALGORITHMS)),
+    EnvVar("MCORE_EP_NCCLEP_LL_MAX_TOKENS", "128", "Largest agreed tokens per rank for which `auto` picks LL "
+           "(0: never).", Integer(0, MAX_SUPPORTED_TOKENS_PER_RANK)),
+    EnvVar("MCORE_EP_NCCLEP_MAX_TOKENS_PER_RANK", "", "Pin `max_dispatch_tokens_per_rank` (a multiple of 4, at "
+           "most 8192). Unset: the agreed largest token count rounded up to a power of two (min 128); a larger "
+           "batch later grows the group on every rank together.",
+           Integer(4, MAX_SUPPORTED_TOKENS_PER_RANK, multiple_of=4)),
+    EnvVar("MCORE_EP_NCCLEP_NUM_SMS", "", "`max_num_sms` of the nccl.ep group (0 = library default); unset: "
+           "Megatron's `moe_flex_dispatcher_num_sms`.", Integer(0, 1024)),
+    EnvVar("MCORE_EP_NCCLEP_TIMEOUT_MS", "", "GPU-side wait timeout of nccl.ep's LL kernels (`timeout_ns`); "
+           "unset: the library default (~100 s). A peer silent for longer traps the kernel (an error on the "
+           "other ranks, not a hang), or is masked with `MCORE_EP_NCCLEP_ACTIVE_MASK=1`. nccl.ep's own "
+           "`NCCL_EP_TIMEOUT_MS` overrides it.", Integer(1, 86_400_000)),
+    EnvVar("MCORE_EP_NCCLEP_ACTIVE_MASK", "0", "`1`: LL groups mask a timed-out peer instead of trapping "
+           "(`enable_mask`); the adapter then checks nccl.ep's async-error flag after each LL operation and "
+           "raises `NcclEpRankFailure` naming the masked ranks. Not available with `ALGORITHM=ht`.", Boolean()),
+)
+
+
 @hookimpl
 def ep_register_backends():
     return [
@@ -847,6 +871,8 @@ def ep_register_backends():
             priority=20,  # above torch only: validated on the CPU emulator, not yet on GPUs
             factory=NcclEpBackend,
             probe=_probe,
+            settings=SETTINGS,
+            validate=lambda env: read_settings(env.environ),
             capabilities=Capabilities(devices=("cuda",), fp8_dispatch=False, uneven_tokens=True, async_overlap=False,
                                       deterministic_order=False, internode=True),
             description="NCCL EP (nccl-extensions nccl.ep): HT flat layout for training, LL rank-major for "
