@@ -1,8 +1,9 @@
 """Ships ``megatron_ep_plugins.pth`` into site-packages (zero-code activation, see autoload.py).
 
-Metadata lives in setup.cfg. This file only puts the .pth at the root of the wheel, for regular
-installs (``build_py``) and for editable installs (PEP 660 ``editable_wheel``) alike. The .pth does
-nothing unless ``MCORE_EP_BACKEND`` is set.
+Metadata lives in pyproject.toml (PEP 621; the version is ``megatron_ep_plugins.__version__``). This
+file only puts the .pth at the root of the wheel, for regular installs (``build_py``, also when the
+wheel is built from the sdist: MANIFEST.in ships the .pth) and for editable installs (PEP 660
+``editable_wheel``) alike. The .pth does nothing unless ``MCORE_EP_BACKEND`` is set.
 """
 
 import os

@@ -27,13 +27,41 @@ if [ ! -x .venv/bin/python ]; then
   $py -m venv .venv
 fi
 
+example=examples/plugins/ep_allgather  # the example third-party plugin the tests install (older layout below)
+[ -f "$example/pyproject.toml" ] || example=examples/ep_allgather_plugin
+inputs="requirements-dev.txt setup.py pyproject.toml MANIFEST.in megatron_ep_plugins.pth $example/pyproject.toml"
 stamp=.venv/.megatron_ep_plugins.stamp
-want=$(cat requirements-dev.txt setup.cfg setup.py pyproject.toml megatron_ep_plugins.pth examples/ep_allgather_plugin/pyproject.toml | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+want=$(for f in $inputs; do if [ -f "$f" ]; then cat "$f"; fi; done | sha256sum | cut -c1-16)
+
+# The stamp alone is not trusted: the venv must still hold what this script installs (a `pip uninstall`,
+# a moved checkout or a version bump since the last run all mean: install again). About 0.1 s.
+installed() {
+  .venv/bin/python - "$PWD" "$example" <<'PY'
+import importlib.metadata as md, importlib.util, os, sys, sysconfig
+root, example = sys.argv[1], sys.argv[2]
+need = ["torch", "megatron-core", "pluggy", "pytest", "build", "megatron-ep-plugins"]
+if os.path.isfile(os.path.join(root, example, "pyproject.toml")):
+    need.append("ep-allgather-plugin")
+for dist in need:
+    md.distribution(dist)  # PackageNotFoundError: not installed
+spec = importlib.util.find_spec("megatron_ep_plugins")
+assert spec is not None and os.path.realpath(spec.origin).startswith(os.path.realpath(root) + os.sep), "not this checkout"
+assert os.path.isfile(os.path.join(sysconfig.get_paths()["purelib"], "megatron_ep_plugins.pth")), "no .pth"
+sys.path.insert(0, root)
+import megatron_ep_plugins
+assert md.version("megatron-ep-plugins") == megatron_ep_plugins.__version__, "installed metadata of another version"
+PY
+}
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && installed >/dev/null 2>&1; then
   exit 0
 fi
 echo "[setup] installing requirements (first time: about a minute)"
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-.venv/bin/python -m pip install -q --disable-pip-version-check -e . -e examples/ep_allgather_plugin
+if [ -f "$example/pyproject.toml" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e . -e "$example"
+else
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+fi
 echo "$want" > "$stamp"
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, megatron.core.package_info as m, megatron_ep_plugins as p; print(f"torch {torch.__version__}, megatron-core {m.__version__}, megatron_ep_plugins {p.__version__}")' 2>/dev/null)"

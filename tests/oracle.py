@@ -1,4 +1,4 @@
-"""Single-process oracle of the dispatch/combine contract (backend-contract.md), for tests only.
+"""Single-process oracle of the dispatch/combine contract (docs/backend-contract.md), for tests only.
 
 Written as loops over tokens, independent of every backend's vectorised code.
 """

@@ -1,6 +1,6 @@
 """Backend ``elastic``: DeepEP V2 ``deep_ep.ElasticBuffer`` (NCCL GIN / NVLink), with V2's pitfalls handled.
 
-Safeguards (see ``backend-contract.md``, DeepEP V2 section):
+Safeguards (see ``docs/backend-contract.md``; DeepEP V2 facts below):
 
 * **One header collective on a group's first dispatch** (on every dispatch with
   ``MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1``). An ``all_reduce(MAX)`` of ``[T, H, K, -H, -K, bad_ids]``

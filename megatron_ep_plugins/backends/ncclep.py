@@ -4,7 +4,7 @@ Every number below is read from the nccl-extensions 0.1.0 wheel (its Python faca
 its headers ``nccl/ep/include/**`` and the assertion texts compiled into ``libnccl_ep.so``); the
 comments name the place.
 
-**Mapping of the contract** (``backend-contract.md``) onto nccl.ep:
+**Mapping of the contract** (``docs/backend-contract.md``) onto nccl.ep:
 
 * One NCCL communicator per torch process group, made once: group rank 0 calls
   ``nccl.core.get_unique_id()``, the 128 bytes are broadcast over the torch group, every rank calls

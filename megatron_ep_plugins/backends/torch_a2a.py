@@ -75,7 +75,7 @@ class TorchA2AHandle:
 
 
 class TorchA2ABackend:
-    """The contract in ``backend-contract.md`` with plain collectives (see module docstring)."""
+    """The contract in ``docs/backend-contract.md`` with plain collectives (see module docstring)."""
 
     name = "torch"
 
