@@ -1,21 +1,21 @@
-"""A complete third-party backend for megatron_ep_plugins, in one file.
+"""The backend of the example plugin: dispatch by all-gather, combine by all-to-all.
 
 Dispatch: every rank all-gathers all tokens (padded to the largest token count) and keeps the rows
 that name one of its experts. Combine: each rank sends every source rank its rows back with one
 ``all_to_all_single``; the source sums them in fp32. Simple, correct on any torch.distributed backend,
 and a fair choice for small expert-parallel groups; traffic grows with the group size.
 
-Install it (``pip install -e examples/ep_allgather_plugin``) and select it with
-``MCORE_EP_BACKEND=allgather``; ``megatron-ep list`` shows it. Its priority is below the
-reference backend's, so ``auto`` never picks it on its own.
+Contract points worth copying: every rank sees every rank's expert ids after the all-gather, so bad ids
+raise the same ``InvalidInputError`` on every rank (a rank that raised alone would leave its peers waiting
+in the next collective); ``tokens_per_expert`` is a CPU int64 tensor; combine sums in fp32 and casts once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_ep_plugins import hookimpl
-from megatron_ep_plugins.spec import Availability, BackendSpec, Capabilities, DispatchResult
+from megatron_ep_plugins.errors import InvalidInputError
+from megatron_ep_plugins.spec import DispatchResult
 
 
 @dataclass
@@ -57,6 +57,10 @@ class AllGatherBackend:
         dist.all_gather(counts, count, group=group)
         counts = [int(c) for c in counts]
         xs, idxs, ws = (self._gather(t, counts, group) for t in (x, topk_idx.long(), topk_weights))
+        bad = [src for src in range(world) if bool(((idxs[src] < -1) | (idxs[src] >= num_experts)).any())]
+        if bad:  # every rank sees the same gathered ids: all raise alike
+            raise InvalidInputError(f"expert ids out of range on rank(s) {bad}: topk_idx must be in "
+                                    f"[0, {num_experts}) or -1 for a dropped entry")
         rows, ids, weights, masks = [], [], [], []
         for src in range(world):
             mine = (idxs[src] >= rank * local) & (idxs[src] < (rank + 1) * local)
@@ -99,17 +103,3 @@ class AllGatherBackend:
         if topk_weights is not None:  # each entry comes back from the one rank that owns its expert
             weights = self._return_rows(topk_weights.float() * handle.owned, handle, group)
         return out, weights
-
-
-def _probe():
-    import torch.distributed as dist
-
-    return Availability.yes("torch.distributed all_gather/all_to_all") if dist.is_available() else \
-        Availability.no("torch.distributed is not available in this torch build")
-
-
-@hookimpl
-def ep_register_backends():
-    return [BackendSpec(name="allgather", priority=-10, factory=AllGatherBackend, probe=_probe,
-                        capabilities=Capabilities(devices=("cpu", "cuda"), internode=True),
-                        description="example third-party backend: all-gather dispatch, all-to-all combine")]
