@@ -24,15 +24,24 @@ EMULATORS = Path(__file__).resolve().parent / "emulators"
 
 def _drop_deep_ep_modules() -> None:
     for name in list(sys.modules):
-        if name == "deep_ep" or name.startswith("deep_ep."):
+        if name in ("deep_ep", "deep_ep_v25") or name.startswith(("deep_ep.", "deep_ep_v25.")):
             del sys.modules[name]
+
+
+def _as_sgl_v25_wheel(deep_ep) -> None:
+    """Make the (v25) emulator importable only as ``deep_ep_v25``, as SGLang's ``sgl-deep-ep-v25`` wheel installs
+    DeepEP V2.5 (``import deep_ep`` then fails; ``_drop_deep_ep_modules`` undoes both)."""
+    sys.modules["deep_ep_v25"] = deep_ep
+    sys.modules["deep_ep"] = None  # import deep_ep -> ModuleNotFoundError; find_spec("deep_ep") -> None
 
 
 @pytest.fixture
 def deepep_emulator(monkeypatch):
-    """``enable(api)``: make the CPU DeepEP emulator importable as ``deep_ep`` and the GPU probes pass."""
+    """``enable(api)``: make the CPU DeepEP emulator importable as ``deep_ep`` (``module="deep_ep_v25"``: only as
+    ``deep_ep_v25``, like the sgl-deep-ep-v25 wheel) and the GPU probes pass (NCCL: what that DeepEP needs)."""
 
-    def enable(api: str = "v2", capability=(9, 0), nccl=(2, 30, 4)):
+    def enable(api: str = "v2", capability=(9, 0), nccl=None, module: str = "deep_ep"):
+        nccl = nccl or ((2, 32, 3) if api == "v25" else (2, 30, 4))
         monkeypatch.setenv("DEEP_EP_EMULATOR_API", api)
         monkeypatch.syspath_prepend(str(EMULATORS))
         _drop_deep_ep_modules()
@@ -46,6 +55,8 @@ def deepep_emulator(monkeypatch):
 
         assert deep_ep.IS_EMULATOR and deep_ep.API == api
         deep_ep.reset_emulator_state()
+        if module == "deep_ep_v25":
+            _as_sgl_v25_wheel(deep_ep)
         return deep_ep
 
     yield enable
@@ -106,16 +117,32 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-6))
 
 
-def _compare(rank, world, backend_name, scenarios, flags, device="cpu"):
-    """Backend vs the torch reference on the same inputs (CPU emulator, or real DeepEP on ``device``)."""
-    import deep_ep
+def _deep_ep():
+    """The DeepEP module in use: ``deep_ep``, else ``deep_ep_v25`` (the sgl-deep-ep-v25 wheel's name)."""
+    import importlib
+
+    try:
+        return importlib.import_module("deep_ep")
+    except ImportError:
+        return importlib.import_module("deep_ep_v25")
+
+
+def _compare(rank, world, backend_name, scenarios, flags, device="cpu", num_sms=24):
+    """Backend vs the torch reference on the same inputs (CPU emulator, or real DeepEP on ``device``).
+
+    ``num_sms``: the SM count set; DeepEP V2.5 rounds an odd one up to even, and so must the elastic adapter."""
     import torch.distributed as dist
 
     from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
 
+    deep_ep = _deep_ep()
     group = dist.group.WORLD
     backend, ref = make_backend(backend_name), TorchA2ABackend()
-    backend.set_num_sms(24)
+    backend.set_num_sms(num_sms)
+    runs_sms = num_sms
+    if backend_name == "elastic":
+        runs_sms = num_sms + num_sms % 2 if backend.api.generation == "V2.5" else num_sms
+        assert backend.agreement_key()["num_sms"] == runs_sms
     checked = 0
     for name in scenarios:
         for async_finish, on_comm in flags:
@@ -124,6 +151,8 @@ def _compare(rank, world, backend_name, scenarios, flags, device="cpu"):
             kw = dict(async_finish=async_finish, allocate_on_comm_stream=on_comm)
             got = backend.dispatch(x, idx, w, num_experts, group, **kw)
             exp = ref.dispatch(x, idx, w, num_experts, group)
+            if backend_name == "elastic":
+                assert got.handle.raw.num_sms == runs_sms, (got.handle.raw.num_sms, runs_sms)
             assert got.recv_x.shape == exp.recv_x.shape, (name, got.recv_x.shape, exp.recv_x.shape)
             assert got.tokens_per_expert.device.type == "cpu" and got.tokens_per_expert.dtype == torch.int64
             assert torch.equal(got.tokens_per_expert, exp.tokens_per_expert), name
@@ -176,6 +205,23 @@ def _compare(rank, world, backend_name, scenarios, flags, device="cpu"):
 def test_matches_reference(deepep_emulator, backend_name, world, scenarios, flags):
     deepep_emulator("v2" if backend_name == "elastic" else "v1")
     counts = run_ranks(_compare, world, backend_name, scenarios, flags)
+    assert counts == [len(scenarios) * len(flags)] * world
+
+
+# The elastic adapter on each DeepEP API generation it drives (the emulator's v2 = ElasticBuffer 2.0-2.1, v25 =
+# EPBuffer of DeepEP 2.5), as deep_ep or as the sgl-deep-ep-v25 wheel's deep_ep_v25, with even and odd SM counts.
+@pytest.mark.parametrize("api, module, world, scenarios, flags, num_sms", [
+    ("v2", "deep_ep", 2, ["uneven_masked", "k4"], [(True, True)], 25),  # V2 runs 25 as given
+    ("v25", "deep_ep", 2, list(SCENARIOS), [(False, False), (True, True)], 24),
+    ("v25", "deep_ep", 4, ["uneven_masked", "zero_tokens_on_rank1"], [(False, True)], 25),  # V2.5 runs 26
+    ("v25", "deep_ep_v25", 2, ["uneven_masked", "k1"], [(True, False), (False, False)], 24),
+])
+def test_elastic_matches_reference_on_each_deepep_api(deepep_emulator, api, module, world, scenarios, flags, num_sms):
+    from megatron_ep_plugins.backends.deepep_elastic import resolve_elastic_api
+
+    deepep_emulator(api, module=module)
+    assert resolve_elastic_api().qualname == f"{module}.{'EPBuffer' if api == 'v25' else 'ElasticBuffer'}"
+    counts = run_ranks(_compare, world, "elastic", scenarios, flags, "cpu", num_sms)
     assert counts == [len(scenarios) * len(flags)] * world
 
 
@@ -243,8 +289,8 @@ def _two_groups_alternating(rank, world, backend_name):
     import deep_ep
     import torch.distributed as dist
 
-    name = {"legacy": "Buffer", "elastic": "ElasticBuffer", "hybridep": "HybridEPBuffer"}[backend_name]
     backend = make_backend(backend_name)
+    name = {"legacy": "Buffer", "hybridep": "HybridEPBuffer"}.get(backend_name) or backend.api.class_name
     groups = [dist.new_group(list(range(world))), dist.new_group(list(range(world)))]
     assert groups[0] is not groups[1]
     for step in range(6):
@@ -252,9 +298,10 @@ def _two_groups_alternating(rank, world, backend_name):
     return deep_ep.constructed(name)
 
 
-@pytest.mark.parametrize("backend_name", ["legacy", "elastic", "hybridep"])
-def test_two_groups_alternating_keep_one_buffer_each(deepep_emulator, backend_name):
-    deepep_emulator("v2")
+@pytest.mark.parametrize("backend_name, api", [("legacy", "v2"), ("elastic", "v2"), ("elastic", "v25"),
+                                              ("hybridep", "v2")])
+def test_two_groups_alternating_keep_one_buffer_each(deepep_emulator, backend_name, api):
+    deepep_emulator(api)
     assert run_ranks(_two_groups_alternating, 2, backend_name) == [2, 2]  # one per group, never rebuilt
 
 
@@ -297,9 +344,9 @@ def _steady_state_costs(rank, world, backend_name):
     return first, calls
 
 
-@pytest.mark.parametrize("backend_name", ["legacy", "elastic"])
-def test_steady_state_skips_checks_and_world_size_lookups(deepep_emulator, backend_name):
-    deepep_emulator("v2")
+@pytest.mark.parametrize("backend_name, api", [("legacy", "v2"), ("elastic", "v2"), ("elastic", "v25")])
+def test_steady_state_skips_checks_and_world_size_lookups(deepep_emulator, backend_name, api):
+    deepep_emulator(api)
     for first, later in run_ranks(_steady_state_costs, 2, backend_name):
         assert "check_dispatch_args" in first and any(n.startswith("check_v") for n in first)
         assert later == [], later
@@ -316,11 +363,12 @@ def _elastic_buckets(rank, world):
     for tokens in (10 + rank, 300 if rank == 1 else 3, 20, 0):  # rank 1's larger batch grows both ranks
         _round_trip(backend, group, tokens, HIDDEN)
         sizes.append(backend._groups[group].max_tokens)
-    return sizes, deep_ep.constructed("ElasticBuffer")
+    return sizes, deep_ep.constructed(backend.api.class_name)
 
 
-def test_elastic_buckets_max_tokens_and_grows_together(deepep_emulator):
-    deepep_emulator("v2")
+@pytest.mark.parametrize("api", ["v2", "v25"])
+def test_elastic_buckets_max_tokens_and_grows_together(deepep_emulator, api):
+    deepep_emulator(api)
     assert run_ranks(_elastic_buckets, 2) == [([256, 512, 512, 512], 2)] * 2
 
 
@@ -346,12 +394,13 @@ def _elastic_steady_state(rank, world):
         x, idx, w = _tokens(300, HIDDEN, 2, 4)
         backend.dispatch(x, idx, w, 4, group)
     except InvalidInputError as exc:
-        return len(calls), str(exc), deep_ep.constructed("ElasticBuffer")
-    return len(calls), "no error", deep_ep.constructed("ElasticBuffer")
+        return len(calls), str(exc), deep_ep.constructed(backend.api.class_name)
+    return len(calls), "no error", deep_ep.constructed(backend.api.class_name)
 
 
-def test_elastic_steady_state_adds_no_collective_and_overflow_says_what_to_pin(deepep_emulator):
-    deepep_emulator("v2")
+@pytest.mark.parametrize("api", ["v2", "v25"])
+def test_elastic_steady_state_adds_no_collective_and_overflow_says_what_to_pin(deepep_emulator, api):
+    deepep_emulator(api)
     for calls, msg, built in run_ranks(_elastic_steady_state, 2):
         assert calls == 1 and built == 1  # only the first dispatch agreed across ranks
         assert "300 tokens exceed the num_max_tokens_per_rank=256" in msg and "detected on this rank only" in msg
@@ -376,8 +425,9 @@ def _elastic_pinned(rank, world, values, tokens):
     return "ok", ""
 
 
-def test_elastic_pinned_max_tokens_mismatch_and_overflow(deepep_emulator):
-    deepep_emulator("v2")
+@pytest.mark.parametrize("api", ["v2", "v25"])
+def test_elastic_pinned_max_tokens_mismatch_and_overflow(deepep_emulator, api):
+    deepep_emulator(api)
     results = run_ranks(_elastic_pinned, 2, [512, 1024], [[4], [4]])
     assert all(kind == "RankMismatchError" and "rank 0: 512" in msg and "rank 1: 1024" in msg for kind, msg in results)
     # only rank 1 overflows at the first dispatch, yet both ranks raise the same error (no hang)
@@ -414,9 +464,9 @@ def _fp8_passthrough(rank, world, backend_name):
     return recv_data.shape[0]
 
 
-@pytest.mark.parametrize("backend_name", ["legacy", "elastic"])
-def test_fp8_input_passes_through(deepep_emulator, backend_name, monkeypatch):
-    deepep_emulator("v2")
+@pytest.mark.parametrize("backend_name, api", [("legacy", "v2"), ("elastic", "v2"), ("elastic", "v25")])
+def test_fp8_input_passes_through(deepep_emulator, backend_name, api, monkeypatch):
+    deepep_emulator(api)
     monkeypatch.setenv("MCORE_EP_ELASTIC_FP8", "1")
     assert sum(run_ranks(_fp8_passthrough, 2, backend_name)) > 0
 
@@ -438,6 +488,12 @@ BAD_SIZES = {
         "multiple of 256 or the 'legacy'/'torch' backend"]),
     "elastic-hidden16": ("elastic", 2, 5, 16, 2, 2, "bf16", ["hidden % 256 == 0, got hidden=16"]),
     "elastic-topk33": ("elastic", 2, 3, 256, 33, 20, "bf16", ["DeepEP V2 needs top-k <= 32", "got topk=33"]),
+    # "-v25-": on the emulator's DeepEP V2.5 layout (EPBuffer); the messages name that generation
+    "elastic-v25-hidden64": ("elastic", 2, 5, 64, 2, 2, "bf16", [
+        "backend 'elastic': DeepEP V2.5 combine needs hidden % 256 == 0, got hidden=64; use a hidden size that is a "
+        "multiple of 256 or the 'legacy'/'torch' backend"]),
+    "elastic-v25-topk33": ("elastic", 2, 3, 256, 33, 20, "bf16", ["DeepEP V2.5 needs top-k <= 32", "got topk=33"]),
+    "elastic-v25-valid": ("elastic", 2, 3, 256, 2, 2, "bf16", []),  # no message: the V2.5 rules let it through
     "hybridep-hidden8": ("hybridep", 2, 5, 8, 2, 2, "bf16", ["HybridEP's buffer config needs bf16 hidden_dim % 16 "
                                                              "== 0", "got hidden=8"]),
     "hybridep-3-experts-per-rank": ("hybridep", 2, 5, 256, 2, 3, "bf16", [
@@ -466,10 +522,13 @@ def _bad_sizes(rank, world, case):
 @pytest.mark.parametrize("case", list(BAD_SIZES))
 def test_adapters_reject_bad_sizes_on_every_rank(deepep_emulator, case, monkeypatch):
     backend_name, world, *_, parts = BAD_SIZES[case]
-    deepep_emulator("v2")
+    deepep_emulator("v25" if "-v25-" in case else "v2")
     if BAD_SIZES[case][6] == "fp8":
         monkeypatch.setenv("MCORE_EP_ELASTIC_FP8", "1")
     messages = run_ranks(_bad_sizes, world, case, timeout=60)  # a hang would fail here, not hang CI
+    if not parts:
+        assert messages == ["no error"] * world
+        return
     for msg in messages:
         for part in parts:
             assert part in msg, (part, msg)
@@ -494,12 +553,13 @@ def _bad_combine(rank, world, backend_name):
     return errors
 
 
-@pytest.mark.parametrize("backend_name", ["legacy", "elastic"])
-def test_adapters_reject_bad_combine_inputs_before_the_kernel(deepep_emulator, backend_name):
-    deepep_emulator("v2")
+@pytest.mark.parametrize("backend_name, api", [("legacy", "v2"), ("elastic", "v2"), ("elastic", "v25")])
+def test_adapters_reject_bad_combine_inputs_before_the_kernel(deepep_emulator, backend_name, api):
+    deepep_emulator(api)
+    library = "DeepEP V2.5" if api == "v25" else "DeepEP V2"
     for narrow, fp32 in run_ranks(_bad_combine, 2, backend_name):
         if backend_name == "elastic":
-            assert "DeepEP V2 combine needs hidden % 256 == 0, got hidden=272" in narrow
+            assert f"{library} combine needs hidden % 256 == 0, got hidden=272" in narrow
         else:
             assert narrow == "no error"  # V1 combine accepts any hidden % 8 intranode
         assert "DeepEP combines bf16 rows, got torch.float32" in fp32
@@ -524,6 +584,9 @@ def test_rule_functions_cover_internode_and_hybrid_limits():
         (lambda: check_v1_rules(2, 7172, 2, 8, None, op="combine"), "hidden % 8 == 0"),
         (lambda: check_v2_rules(2, 7168, 2, 8, 255), "num_experts % group size == 0"),
         (lambda: check_v2_rules(2, 7168, 2, 8, 256, num_sms=140, device_sms=132), "num_sms <= the GPU's 132 SMs"),
+        (lambda: check_v2_rules(2, 7168, 2, 8, 256, num_sms=134, device_sms=133, library="DeepEP V2.5", even_sms=True),
+         "DeepEP V2.5 needs num_sms <= the GPU's 133 SMs, got num_sms=134 (DeepEP V2.5 rounds an odd SM count up to "
+         "even)"),
         (lambda: check_hybridep_rules(4, 256, 8, 3), "group size % ranks per NVLink domain == 0"),
         (lambda: check_hybridep_rules(4, 256, 8, 2, chunk_dispatch=3), "NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API"),
         (lambda: check_hybridep_rules(4, 256, 8, 2, max_tokens=30000), "max tokens per rank <= 21844"),
@@ -588,6 +651,85 @@ def test_emulator_asserts_are_live(deepep_emulator):
         assert any("allocate_on_comm_stream" in s for s in seen) and any("float32" in s for s in seen)
         assert any("same token count" in s for s in seen) and any("-1" in s for s in seen)
         assert any("num_tokens <= num_max_tokens_per_rank" in s for s in seen)
+
+
+def _misuse_v25(rank, world):
+    """DeepEP V2.5's own rules on the emulated EPBuffer (sgl-deep-ep-v25 0.1.0rc0 buffers/ep.py, csrc/buffers/ep.hpp)."""
+    import deep_ep
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    seen = {}
+
+    def expect(name, exc, fn, *args, **kwargs):
+        with pytest.raises(exc) as info:
+            fn(*args, **kwargs)
+        seen[name] = str(info.value)[:300]
+
+    x = torch.randn(2, HIDDEN).to(torch.bfloat16)
+    idx, w = torch.tensor([[0, 3], [1, -1]]), torch.ones(2, 2)
+    with pytest.raises(RuntimeError, match="differs across ranks"):
+        deep_ep.EPBuffer(group, num_max_tokens_per_rank=256 * (rank + 1), hidden=HIDDEN, num_topk=2)
+    expect("hint_hidden0", RuntimeError, deep_ep.EPBuffer.get_buffer_size_hint, group, 256, 0)
+    buf = deep_ep.EPBuffer(group, num_max_tokens_per_rank=4, hidden=HIDDEN, num_topk=2)
+    expect("handle_copy", AssertionError, buf.dispatch, x, idx, w, num_experts=4, do_handle_copy=True)
+    expect("removed_kwarg", TypeError, buf.dispatch, x, idx, w, num_experts=4, previous_event_before_epilogue=None)
+    expect("previous_event", RuntimeError, buf.dispatch, x, idx, w, num_experts=4, previous_event=buf.capture())
+    expect("defer_sync", RuntimeError, buf.dispatch, x, idx, w, num_experts=4, defer_epilogue=True)
+    # an odd SM count runs rounded up to even; the handle keeps the count that ran
+    recv_x, recv_idx, _, handle, _ = buf.dispatch(x, idx, w, num_experts=4, num_sms=25)
+    odd_sms = handle.num_sms
+    out, _, _ = buf.combine(recv_x, handle)  # num_sms=0: the handle's count
+    # the handle holds the caller's topk_idx (do_handle_copy=False): an in-place change breaks the next use
+    idx.add_(0)
+    expect("topk_modified", AssertionError, buf.combine, recv_x, handle)
+    idx = idx.clone()
+    # defer_epilogue: only the event comes back; its wait runs the epilogue and returns the results
+    event = buf.dispatch(x, idx, w, num_experts=4, async_with_compute_stream=True, defer_epilogue=True)
+    deferred = event.current_stream_wait()
+    assert isinstance(event, deep_ep.EventOverlap) and len(deferred) == 4
+    assert deferred[1].shape == recv_idx.shape  # the same rows, in V2's arbitrary in-block order
+    event = buf.combine(deferred[0], deferred[3], async_with_compute_stream=True, defer_epilogue=True)
+    combined, _ = event.current_stream_wait()
+    assert torch.equal(combined, out)
+    expect("bias_shape", RuntimeError, buf.combine, recv_x, deferred[3], bias=torch.zeros(3, HIDDEN, dtype=x.dtype))
+    big = torch.randn(5 if rank else 2, HIDDEN).to(torch.bfloat16)  # only rank 1 overflows; both raise
+    expect("overflow", RuntimeError, buf.dispatch, big, torch.zeros(big.shape[0], 2, dtype=torch.long),
+           torch.ones(big.shape[0], 2), num_experts=4)
+    recv_x, _, _, handle, _ = buf.dispatch(x, idx, w, num_experts=4, num_sms=20)
+    expect("sms_719", RuntimeError, buf.combine, recv_x, handle, num_sms=10)
+    expect("dead", RuntimeError, buf.dispatch, x, idx, w, num_experts=4)  # sticky: the buffer is dead
+    # deterministic + async: the receive order is fixed by the wait (V2.5 sorts in a hook after it)
+    det = deep_ep.EPBuffer(group, num_max_tokens_per_rank=64, hidden=HIDDEN, num_topk=2, deterministic=True)
+    xs = torch.randn(12, HIDDEN).to(torch.bfloat16)
+    ids = torch.arange(24).reshape(12, 2) % 4
+    sync_x = det.dispatch(xs, ids, torch.ones(12, 2), num_experts=4)[0]
+    async_x, _, _, _, event = det.dispatch(xs, ids, torch.ones(12, 2), num_experts=4, async_with_compute_stream=True)
+    hooked = event.hook_after_wait is not None
+    event.current_stream_wait()
+    assert torch.equal(async_x, sync_x)
+    # the JIT static_assert of combine (hidden % 256), after a dispatch of hidden 64 that compiles
+    wide = deep_ep.EPBuffer(group, num_max_tokens_per_rank=4, hidden=512, num_topk=2)
+    narrow_x, _, _, narrow_handle, _ = wide.dispatch(torch.randn(2, 64).to(torch.bfloat16), idx, w, num_experts=4)
+    expect("jit_hidden", RuntimeError, wide.combine, narrow_x, narrow_handle)
+    return seen, odd_sms, hooked
+
+
+def test_emulated_v25_follows_deepep_v25_rules(deepep_emulator):
+    deepep_emulator("v25")
+    for seen, odd_sms, hooked in run_ranks(_misuse_v25, 2):
+        assert odd_sms == 26  # buffers/ep.py:643 align(num_sms, 2)
+        assert hooked  # the deterministic sort waits for the event
+        assert "csrc/buffers/ep.hpp:254" in seen["hint_hidden0"]
+        assert seen["handle_copy"] == "`do_handle_copy` must be False; handle copying is no longer supported"
+        assert "previous_event_before_epilogue" in seen["removed_kwarg"]
+        assert "csrc/buffers/ep.hpp:142" in seen["previous_event"]
+        assert "csrc/buffers/ep.hpp:773): async_with_compute_stream" in seen["defer_sync"]
+        assert seen["topk_modified"] == "`topk_idx` must not be modified while the EP handle is in use"
+        assert "csrc/buffers/ep.hpp:856" in seen["bias_shape"]
+        assert "csrc/buffers/ep.hpp:344" in seen["overflow"]
+        assert "719" in seen["sms_719"] and "719" in seen["dead"]
+        assert "NVCC compilation failed" in seen["jit_hidden"] and '"Invalid hidden"' in seen["jit_hidden"]
 
 
 def _emulator_size_rules(rank, world):
@@ -719,6 +861,48 @@ REAL_ATTRIBUTES = {
                       "configurer runtime empty_jit_cache update_template_config dispatch combine dispatch_with_permute "
                       "combine_with_unpermute",
 }
+# DeepEP V2.5 (sgl-deep-ep-v25 0.1.0rc0 buffers/ep.py EPHandle/EPBuffer, buffers/base.py BufferBase (an ABC, hence
+# _abc_impl), utils/event.py EventOverlap): instance attributes set anywhere in the class plus methods/properties.
+REAL_ATTRIBUTES_V25 = {
+    "EPBuffer": "_abc_impl _unpack_bias _unpack_handle allow_hybrid_mode allow_multiple_reduction barrier capture "
+                "combine context destroy deterministic dispatch explicitly_destroy get_buffer_size_hint "
+                "get_comm_stream get_logical_domain_size get_physical_domain_size get_theoretical_num_qps "
+                "get_theoretical_num_sms group lb_get_theoretical_num_sms lb_prefetch_weights lb_reduce_grads "
+                "main_context nccl_comm_handle num_allocated_qps num_bytes num_lb_bytes num_max_tokens_per_rank "
+                "num_nvlink_ranks num_ranks num_rdma_ranks num_scaleout_ranks num_scaleup_ranks "
+                "prefer_overlap_with_compute print_memory_usage rank_idx runtime scaleout_rank_idx scaleup_rank_idx",
+    "EPHandle": "_topk_idx _topk_idx_version cached_recv_src_metadata_before_sort channel_linked_list "
+                "deterministic_sort do_expand dst_buffer_slot_idx expert_alignment num_expanded_tokens num_experts "
+                "num_max_tokens_per_rank num_recv_tokens num_recv_tokens_per_expert_list num_sms "
+                "num_unaligned_recv_tokens_per_expert psum_num_recv_tokens_per_expert "
+                "psum_num_recv_tokens_per_scaleup_rank recv_src_metadata token_metadata_at_forward topk_idx",
+    "EventOverlap": "event extra_tensors _release_handle_by_call hook_after_wait current_stream_wait wait "
+                    "register_hook_after_wait",
+}
+
+
+def _emulated_v25_objects(rank, world):
+    import deep_ep
+    import torch.distributed as dist
+
+    buf = deep_ep.EPBuffer(dist.group.WORLD, num_max_tokens_per_rank=256, hidden=HIDDEN, num_topk=2)
+    _, _, _, handle, event = buf.dispatch(torch.randn(3, HIDDEN).to(torch.bfloat16), torch.tensor([[0, 1]] * 3),
+                                          torch.ones(3, 2), num_experts=4, async_with_compute_stream=True)
+    event.current_stream_wait()
+    objects = {"EPBuffer": buf, "EPHandle": handle, "EventOverlap": event}
+    return {name: sorted({a for a in dir(obj) if not a.startswith("__")} - set(REAL_ATTRIBUTES_V25[name].split()))
+            for name, obj in objects.items()}
+
+
+def test_emulated_v25_objects_have_no_attribute_the_real_ones_lack(deepep_emulator):
+    deep_ep = deepep_emulator("v25")
+    # the module: V2.5 has no V1 Buffer, no ElasticBuffer (no alias), no HybridEPBuffer; deep_ep.utils: EventHandle only
+    assert not any(hasattr(deep_ep, n) for n in ("Buffer", "ElasticBuffer", "HybridEPBuffer", "Config"))
+    import deep_ep.utils
+
+    assert hasattr(deep_ep.utils, "EventHandle") and not hasattr(deep_ep.utils, "EventOverlap")
+    for extra in run_ranks(_emulated_v25_objects, 2):
+        assert extra == {name: [] for name in REAL_ATTRIBUTES_V25}, extra
 
 
 def _emulated_objects(rank, world):
@@ -744,9 +928,9 @@ def test_emulated_objects_have_no_attribute_the_real_ones_lack(deepep_emulator):
 def deepep_facts(rank, world, cls_name, device="cpu"):
     """What a DeepEP object of ``cls_name`` has and how it fails on sizes its kernels reject. Runs on the CPU
     emulator here and on the real library in tests/test_gpu.py (same function, same expectations)."""
-    import deep_ep
     import torch.distributed as dist
 
+    deep_ep = _deep_ep()
     group, facts = dist.group.WORLD, {}
 
     def attempt(name, fn):
@@ -763,9 +947,10 @@ def deepep_facts(rank, world, cls_name, device="cpu"):
     x = torch.randn(4, 256, device=device).to(torch.bfloat16)
     if cls_name == "Buffer":
         facts["attrs"] = attrs(attempt("construct", lambda: cls(group, 1 << 28, 0)))
-    elif cls_name == "ElasticBuffer":
+    elif cls_name in ("ElasticBuffer", "EPBuffer"):
         # Sized as the adapter sizes it (get_buffer_size_hint): on 2 x H200 (EP_DISABLE_GIN=1) the constructor's own
-        # sizing path (num_bytes=None -> _C.calculate_elastic_buffer_size, elastic.py:306) segfaulted.
+        # sizing path (num_bytes=None -> _C.calculate_elastic_buffer_size, elastic.py:306) segfaulted. V2.5's
+        # EPBuffer (sgl-deep-ep-v25 0.1.0rc0 buffers/ep.py:242-399) takes the same arguments.
         num_bytes = cls.get_buffer_size_hint(group, 256, 256, num_topk=2, allow_hybrid_mode=False)
         buf = attempt("construct", lambda: cls(group, num_bytes=num_bytes, num_max_tokens_per_rank=256, hidden=256,
                                                 num_topk=2, allow_hybrid_mode=False))
@@ -798,6 +983,7 @@ USED_ATTRIBUTES = {
     "Buffer": "group num_nvl_bytes num_rdma_bytes num_sms set_num_sms get_dispatch_config get_combine_config "
               "get_dispatch_layout dispatch combine capture",
     "ElasticBuffer": "get_buffer_size_hint capture dispatch combine num_scaleout_ranks num_scaleup_ranks",
+    "EPBuffer": "get_buffer_size_hint capture dispatch combine num_scaleout_ranks num_scaleup_ranks",
     "HybridEPBuffer": "num_of_hybrid_ep_ranks_per_nvlink_domain local_rank dispatch combine",
 }
 
@@ -809,8 +995,9 @@ def check_deepep_facts(cls_name, facts, exact_attributes=True):
     attribute list REAL_ATTRIBUTES holds; otherwise only the attributes the adapters use are required."""
     assert facts["construct"] == "ok", facts
     assert set(USED_ATTRIBUTES[cls_name].split()) <= set(facts["attrs"]), facts["attrs"]
+    real = REAL_ATTRIBUTES_V25 if cls_name == "EPBuffer" else REAL_ATTRIBUTES
     if exact_attributes:
-        assert set(facts["attrs"]) <= set(REAL_ATTRIBUTES[cls_name].split()), facts["attrs"]
+        assert set(facts["attrs"]) <= set(real[cls_name].split()), facts["attrs"]
     if cls_name == "HybridEPBuffer":
         assert "num_local_experts" not in facts["attrs"] and "hidden_dim" not in facts["attrs"]
     if cls_name == "ElasticBuffer":
@@ -818,6 +1005,10 @@ def check_deepep_facts(cls_name, facts, exact_attributes=True):
         assert set(facts["handle_attrs"]) <= set(REAL_ATTRIBUTES["EPHandle"].split())
         assert facts["combine_h64"].startswith("RuntimeError: Assertion exception ("), facts  # ... combine does not
         assert 'csrc/jit/compiler.hpp:239): false and "NVCC compilation failed"' in facts["combine_h64"]
+    if cls_name == "EPBuffer":  # V2.5: the same rules; a JIT failure's text comes from DeepJIT (not yet seen on a GPU)
+        assert facts["dispatch_h64"] == "ok", facts
+        assert set(facts["handle_attrs"]) <= set(REAL_ATTRIBUTES_V25["EPHandle"].split())
+        assert facts["combine_h64"].startswith("RuntimeError: ") and '"Invalid hidden"' in facts["combine_h64"], facts
     if cls_name == "HybridEPBuffer":
         assert facts["hidden8"] == facts["local3"] == "RuntimeError: The buffer config is not valid.", facts
         assert facts["dispatch"] == "ok" and facts["cached"] == "ok", facts
@@ -827,9 +1018,9 @@ def check_deepep_facts(cls_name, facts, exact_attributes=True):
                                               "remainder_chunk(3) * ranks_per_node(2) * 4 = 24B"), facts
 
 
-@pytest.mark.parametrize("cls_name", ["Buffer", "ElasticBuffer", "HybridEPBuffer"])
+@pytest.mark.parametrize("cls_name", ["Buffer", "ElasticBuffer", "EPBuffer", "HybridEPBuffer"])
 def test_emulator_fails_like_the_real_library(deepep_emulator, cls_name):
-    deepep_emulator("v2")
+    deepep_emulator("v25" if cls_name == "EPBuffer" else "v2")
     for facts in run_ranks(deepep_facts, 2, cls_name):
         check_deepep_facts(cls_name, facts)
 
@@ -874,12 +1065,27 @@ REAL_SIGNATURES = {
                                     "num_of_experts=None probs=None routing_map=None num_dispatched_tokens_tensor=None "
                                     "num_dispatched_tokens=None handle=None",
     ("HybridEPBuffer", "combine"): "self hidden probs=None handle=None",
+    # DeepEP V2.5 (sgl-deep-ep-v25 0.1.0rc0 buffers/ep.py:242-261, :374-378, :562-580, :770-779), v25 layout
+    ("EPBuffer", "__init__"): "self group num_bytes=None num_max_tokens_per_rank=0 hidden=0 num_topk=0 "
+                              "use_fp8_dispatch=False lb_allocation_plan_or_num_bytes=0 deterministic=False "
+                              "allow_hybrid_mode=True allow_multiple_reduction=True prefer_overlap_with_compute=True "
+                              "sl_idx=None num_allocated_qps=0 num_cpu_timeout_secs=300 num_gpu_timeout_secs=100 "
+                              "explicitly_destroy=False",
+    ("EPBuffer", "get_buffer_size_hint"): "group num_max_tokens_per_rank hidden num_topk=0 use_fp8_dispatch=False "
+                                          "allow_hybrid_mode=True allow_multiple_reduction=True",
+    ("EPBuffer", "dispatch"): "self x topk_idx=None topk_weights=None cumulative_local_expert_recv_stats=None "
+                              "num_experts=None num_max_tokens_per_rank=None expert_alignment=None num_sms=0 num_qps=0 "
+                              "previous_event=None async_with_compute_stream=False allocate_on_comm_stream=False "
+                              "handle=None do_handle_copy=False do_cpu_sync=None do_expand=False do_zero_padding=False "
+                              "use_tma_aligned_col_major_sf=False defer_epilogue=False",
+    ("EPBuffer", "combine"): "self x handle topk_weights=None bias=None num_sms=0 num_qps=0 previous_event=None "
+                             "async_with_compute_stream=False allocate_on_comm_stream=False defer_epilogue=False",
 }
 
 
 @pytest.mark.parametrize("cls, method", list(REAL_SIGNATURES))
 def test_emulator_signatures_match_the_real_library(deepep_emulator, cls, method):
-    deep_ep = deepep_emulator("v2")
+    deep_ep = deepep_emulator("v25" if cls == "EPBuffer" else "v2")
     expected = []
     for token in REAL_SIGNATURES[cls, method].split():
         name, _, default = token.partition("=")
@@ -924,6 +1130,160 @@ def test_probes_with_v2_emulator(deepep_emulator, monkeypatch):
     from megatron_ep_plugins.backends._deepep_common import import_event_classes
 
     assert import_event_classes()[0] is deep_ep.EventOverlap
+
+
+V25_LEGACY = ["removed the V1 Buffer", "use the 'elastic' backend", "install DeepEP <= 2.1"]
+
+
+@pytest.mark.parametrize("api, module, cls, version", [
+    ("v1", "deep_ep", None, "V1"),
+    ("v2", "deep_ep", "ElasticBuffer", "V2"),
+    ("v25", "deep_ep", "EPBuffer", "V2.5"),  # upstream DeepEP 2.5
+    ("v25", "deep_ep_v25", "EPBuffer", "V2.5"),  # the sgl-deep-ep-v25 wheel: no deep_ep at all
+])
+def test_probes_tell_which_deepep_is_installed(deepep_emulator, api, module, cls, version):
+    """What a user sees: the API generation, class, version and NCCL needed vs loaded, and why a backend is off."""
+    deepep_emulator(api, module=module)
+    verdicts = _probes()
+    elastic, legacy = verdicts["elastic"], verdicts["legacy"]
+    assert elastic.available is (cls is not None), elastic.reason
+    if cls is None:
+        assert "has no ElasticBuffer or EPBuffer: this DeepEP is V1-only" in elastic.reason
+        assert elastic.details["deep_ep_api"] == "V1" and legacy.details["deep_ep_api"] == "V1"
+    else:
+        need = "2.32.3" if version == "V2.5" else "2.30.4"
+        assert elastic.details["deep_ep_api"] == version and elastic.details["deep_ep_module"] == module
+        assert elastic.details["deep_ep_class"] == f"{module}.{cls}"
+        assert elastic.details["deep_ep"] == f"0.0.0+emulator.{api}"
+        assert elastic.details["nccl_needed"] == need and elastic.details["nccl"] == need  # loaded
+        assert elastic.reason.startswith(f"{module}.{cls} (DeepEP {version}, {module} 0.0.0+emulator.{api}), NCCL "
+                                         f"{need} (needs >= {need})"), elastic.reason
+    assert legacy.available is (version != "V2.5"), legacy.reason
+    if version == "V2.5":
+        for part in V25_LEGACY:
+            assert part in legacy.reason, legacy.reason
+        if module == "deep_ep":
+            assert "this DeepEP (V2.5, deep_ep 0.0.0+emulator.v25, EPBuffer only)" in legacy.reason
+            assert legacy.details["deep_ep_api"] == "V2.5" and legacy.details["deep_ep_classes"] == "EPBuffer"
+        else:
+            assert "deep_ep not importable" in legacy.reason and "deep_ep_v25 is installed" in legacy.reason
+        assert not verdicts["hybridep"].available
+        from megatron_ep_plugins.backends.deepep_legacy import DeepEPLegacyBackend
+
+        with pytest.raises(ImportError) as info:  # the constructor says the same
+            DeepEPLegacyBackend()
+        assert all(part in str(info.value) for part in V25_LEGACY), info.value
+
+
+def test_cli_list_shows_which_deepep_is_installed(deepep_emulator, capsys):
+    from megatron_ep_plugins.cli import main
+
+    deepep_emulator("v25")
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    assert "deep_ep.EPBuffer (DeepEP V2.5, deep_ep 0.0.0+emulator.v25), NCCL 2.32.3 (needs >= 2.32.3)" in text
+    assert "this DeepEP (V2.5, deep_ep 0.0.0+emulator.v25, EPBuffer only) removed the V1 Buffer" in text
+
+
+@pytest.mark.parametrize("api, nccl, available", [
+    ("v2", (2, 30, 4), True),
+    ("v25", (2, 30, 4), False),  # enough for V2, not for V2.5
+    ("v25", (2, 32, 2), False),
+    ("v25", (2, 32, 3), True),
+])
+def test_elastic_probe_needs_the_nccl_of_the_installed_deepep(deepep_emulator, api, nccl, available):
+    deepep_emulator(api, nccl=nccl)
+    verdict = _probes()["elastic"]
+    assert verdict.available is available, verdict.reason
+    if not available:
+        loaded = ".".join(map(str, nccl))
+        assert (f"NCCL {loaded} < 2.32.3 (the loaded libnccl.so.2): DeepEP V2.5 (deep_ep.EPBuffer "
+                "0.0.0+emulator.v25) needs NCCL >= 2.32.3") in verdict.reason, verdict.reason
+
+
+def test_elastic_prefers_deep_ep_and_says_another_deepep_is_installed(deepep_emulator):
+    import importlib.machinery
+    import types
+
+    from megatron_ep_plugins.backends.deepep_elastic import resolve_elastic_api
+
+    deepep_emulator("v2")
+    other = types.ModuleType("deep_ep_v25")
+    other.__spec__ = importlib.machinery.ModuleSpec("deep_ep_v25", None)
+    sys.modules["deep_ep_v25"] = other  # removed by the fixture
+    api = resolve_elastic_api()
+    assert api.qualname == "deep_ep.ElasticBuffer" and "deep_ep_v25" in api.details()["note"]
+
+
+def _fake_deep_ep(monkeypatch, dispatch):
+    """A ``deep_ep`` whose EPBuffer has the given ``dispatch`` (to check the choice by signature)."""
+    import types
+
+    module = types.ModuleType("deep_ep")
+    module.__version__ = "9.9.9"
+
+    class EPBuffer:
+        def __init__(self, group, num_bytes=None, num_max_tokens_per_rank=0, hidden=0, num_topk=0,
+                     use_fp8_dispatch=False, deterministic=False, allow_hybrid_mode=True, num_allocated_qps=0):
+            pass
+
+        def combine(self, x, handle, topk_weights=None, num_sms=0, previous_event=None,
+                    async_with_compute_stream=False, allocate_on_comm_stream=False):
+            pass
+
+    EPBuffer.dispatch = dispatch
+    module.EPBuffer = EPBuffer
+    monkeypatch.setitem(sys.modules, "deep_ep", module)
+
+
+def test_elastic_reads_the_installed_signatures(monkeypatch):
+    from megatron_ep_plugins.backends.deepep_elastic import resolve_elastic_api
+
+    def v25_like(self, x, topk_idx=None, topk_weights=None, num_experts=None, num_sms=0, previous_event=None,
+                 async_with_compute_stream=False, allocate_on_comm_stream=False, handle=None, do_handle_copy=False,
+                 do_expand=False, defer_epilogue=False):
+        pass
+
+    def copying(self, x, topk_idx=None, topk_weights=None, num_experts=None, num_sms=0, previous_event=None,
+                async_with_compute_stream=False, allocate_on_comm_stream=False, handle=None, do_handle_copy=True,
+                do_expand=False):
+        pass
+
+    def renamed(self, x, topk_idx=None, topk_weights=None, num_experts=None, num_sms=0, previous_event=None,
+                async_mode=False, allocate_on_comm_stream=False, handle=None, do_expand=False):
+        pass
+
+    _drop_deep_ep_modules()
+    _fake_deep_ep(monkeypatch, v25_like)
+    api = resolve_elastic_api()
+    assert (api.generation, api.copies_topk, api.even_sms, api.min_nccl) == ("V2.5", False, True, (2, 32, 3))
+    assert api.size_hint is None  # no get_buffer_size_hint: the constructor sizes the buffer
+    _fake_deep_ep(monkeypatch, copying)  # an EPBuffer that copies topk_idx itself: the adapter need not
+    assert resolve_elastic_api().copies_topk is True
+    _fake_deep_ep(monkeypatch, renamed)
+    with pytest.raises(ImportError, match=re.escape("deep_ep.EPBuffer.dispatch (deep_ep 9.9.9) takes no "
+                                                    "async_with_compute_stream: this DeepEP V2.5 differs")):
+        resolve_elastic_api()
+
+
+def _topk_idx_reuse(rank, world):
+    """The caller may modify its topk_idx in place after dispatch (V2 copies it; on V2.5 the adapter does)."""
+    import torch.distributed as dist
+
+    backend, group = make_backend("elastic"), dist.group.WORLD
+    x, idx, w = _tokens(7 + rank, HIDDEN, 2, 4)
+    res = backend.dispatch(x, idx, w, 4, group)
+    idx.add_(0)  # in place: bumps the version counter V2.5's handle checks
+    backend.combine(res.recv_x, res.handle, group)
+    backend.dispatch_cached(x, res.handle, group)
+    return backend.api.copies_topk, backend._clone_topk
+
+
+@pytest.mark.parametrize("api", ["v2", "v25"])
+def test_elastic_caller_may_reuse_topk_idx_after_dispatch(deepep_emulator, api):
+    deepep_emulator(api)
+    expected = (False, True) if api == "v25" else (True, False)
+    assert run_ranks(_topk_idx_reuse, 2) == [expected] * 2
 
 
 @pytest.mark.parametrize("capability, nccl, expected", [

@@ -10,7 +10,13 @@ each adapter's size rules, which raise :class:`~megatron_ep_plugins.errors.Inval
 kernel runs) run once per key.
 
 The source citations in the adapters refer to DeepEP ``main`` at ``DEEPEP_MAIN`` (``deep_ep`` 2.1.0: V1
-``Buffer``, V2 ``ElasticBuffer``) and to the ``hybrid-ep`` branch at ``DEEPEP_HYBRID_EP``.
+``Buffer``, V2 ``ElasticBuffer``), to the ``hybrid-ep`` branch at ``DEEPEP_HYBRID_EP`` and, for DeepEP V2.5
+(``EPBuffer``; no V1 ``Buffer``, no ``ElasticBuffer``), to the wheel ``DEEPEP_V25`` (SGLang's build of DeepEP
+2.5 from upstream ``main``, Python package renamed ``deep_ep_v25``; a path ``buffers/ep.py:N`` there is upstream's
+``deep_ep/buffers/ep.py``).
+
+API generations (:func:`deep_ep_api`) are told apart by class names, never by version strings: ``EPBuffer``
+= V2.5, ``ElasticBuffer`` = V2 (2.0-2.1, which also ship the V1 ``Buffer``), ``Buffer`` alone = V1.
 """
 
 from __future__ import annotations
@@ -19,18 +25,28 @@ import importlib
 from array import array as _array
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 from ..errors import InvalidInputError
 
-__all__ = ["DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "ProbeFacts", "counts_tensor", "agree_on_inputs", "check_combine_args",
-           "check_dispatch_args", "check_handle", "check_torch_deterministic", "combine_key", "cuda_problem", "decode_nccl_version",
-           "deep_ep_version", "device_sm_count", "dispatch_key", "import_event_classes", "loaded_nccl_version",
-           "owned_weights", "probe_deep_ep", "rule_error"]
+__all__ = ["DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "DEEPEP_V25", "DEEP_EP_V25_MODULE", "ProbeFacts", "counts_tensor",
+           "agree_on_inputs", "check_combine_args", "check_dispatch_args", "check_gpu", "check_handle",
+           "check_torch_deterministic", "combine_key", "cuda_problem", "decode_nccl_version", "deep_ep_api",
+           "deep_ep_classes", "deep_ep_version", "device_sm_count", "dispatch_key", "import_event_classes",
+           "loaded_nccl_version", "module_installed", "owned_weights", "probe_deep_ep", "rule_error", "v25_module_note"]
 
 #: The DeepEP commits whose sources the adapters' size rules (and the CPU test double) mirror.
 DEEPEP_MAIN = "dd758caf451848bd150e1046af3d0a73e5fff38d"  # deepseek-ai/DeepEP main, deep_ep 2.1.0
 DEEPEP_HYBRID_EP = "94a9f8f6b146c07d97ec58f67cd6d303296d6098"  # deepseek-ai/DeepEP branch hybrid-ep
+DEEPEP_V25 = "sgl-deep-ep-v25 0.1.0rc0"  # PyPI wheel: DeepEP 2.5 (__init__.py:87 __version__ = '2.5.0')
+
+#: Where a DeepEP may be installed: upstream builds (and SGLang's ``sgl-deep-ep``, V1 + 2.1) install
+#: ``deep_ep``; SGLang's ``sgl-deep-ep-v25`` wheel installs DeepEP V2.5 as ``deep_ep_v25`` (it may sit beside a
+#: ``deep_ep``).
+DEEP_EP_V25_MODULE = "deep_ep_v25"
+_DISTRIBUTIONS = {"deep_ep": ("deep_ep", "deep-ep", "sgl-deep-ep"), DEEP_EP_V25_MODULE: ("sgl-deep-ep-v25",)}
+#: Buffer classes by API generation, newest first (:func:`deep_ep_api`).
+_GENERATIONS = (("EPBuffer", "V2.5"), ("ElasticBuffer", "V2"), ("Buffer", "V1"))
 
 _EVENT_MODULES = ("deep_ep.utils", "deep_ep.utils.event", "deep_ep")
 
@@ -114,12 +130,48 @@ def deep_ep_version(deep_ep: Any) -> str:
     version = getattr(deep_ep, "__version__", None)
     if version:
         return str(version)
-    try:
-        from importlib.metadata import version as dist_version
+    from importlib.metadata import version as dist_version
 
-        return dist_version("deep_ep")
-    except Exception:  # noqa: BLE001 - informational only
-        return "unknown"
+    for dist in _DISTRIBUTIONS.get(getattr(deep_ep, "__name__", "deep_ep"), ("deep_ep",)):
+        try:
+            return dist_version(dist)
+        except Exception:  # noqa: BLE001 - informational only
+            continue
+    return "unknown"
+
+
+def deep_ep_api(deep_ep: Any) -> str:
+    """The DeepEP API generation a module provides, told by its class names: ``"V2.5"`` (``EPBuffer``; V2.5
+    removed ``Buffer`` and renamed ``ElasticBuffer`` without an alias), ``"V2"`` (``ElasticBuffer``, 2.0-2.1),
+    ``"V1"`` (``Buffer`` only), ``"unknown"`` (none of them)."""
+    for cls, generation in _GENERATIONS:
+        if hasattr(deep_ep, cls):
+            return generation
+    return "unknown"
+
+
+def deep_ep_classes(deep_ep: Any) -> str:
+    """The buffer classes a DeepEP module has, e.g. ``"ElasticBuffer, Buffer"`` (for probe details)."""
+    names = [cls for cls, _ in _GENERATIONS] + ["HybridEPBuffer"]
+    return ", ".join(n for n in names if hasattr(deep_ep, n)) or "none"
+
+
+def module_installed(name: str) -> bool:
+    """Whether ``name`` could be imported, without importing it (importing DeepEP V2.5 runs its host checks)."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def v25_module_note() -> Optional[str]:
+    """What to tell a user whose ``deep_ep`` does not import while ``deep_ep_v25`` is installed, else ``None``."""
+    if not module_installed(DEEP_EP_V25_MODULE):
+        return None
+    return (f"{DEEP_EP_V25_MODULE} is installed (sgl-deep-ep-v25: DeepEP V2.5, EPBuffer only; V2.5 removed the V1 "
+            "Buffer and renamed ElasticBuffer)")
 
 
 @dataclass
@@ -132,27 +184,39 @@ class ProbeFacts:
     details: dict[str, str] = field(default_factory=dict)
 
 
-def probe_deep_ep(class_name: str, install_hint: str, missing_class: str, gpu_need: str,
-                  min_capability: tuple[int, int]) -> ProbeFacts:
+def probe_deep_ep(class_name: str, install_hint: str, missing_class: Union[str, Callable[[Any], str]],
+                  gpu_need: str, min_capability: tuple[int, int]) -> ProbeFacts:
     """The common part of every DeepEP probe; never raises (every failure becomes a reason).
 
-    Imports ``deep_ep``, checks that ``class_name`` exists, that a CUDA device is visible and that its
-    compute capability is at least ``min_capability``.
+    Imports ``deep_ep``, checks that ``class_name`` exists (else the reason is ``missing_class``, or
+    ``missing_class(deep_ep)``), that a CUDA device is visible and that its compute capability is at least
+    ``min_capability``. ``details`` name the DeepEP found: version, API generation, buffer classes.
     """
     facts = ProbeFacts(None, False)
     try:
         import deep_ep
     except Exception as exc:  # noqa: BLE001 - ImportError or a broken extension
         facts.problems.append(f"deep_ep not importable: {exc} ({install_hint})")
+        note = v25_module_note()
+        if note:
+            facts.details[DEEP_EP_V25_MODULE] = note
     else:
         facts.deep_ep = deep_ep
         facts.details["deep_ep"] = deep_ep_version(deep_ep)
+        facts.details["deep_ep_api"] = deep_ep_api(deep_ep)
+        facts.details["deep_ep_classes"] = deep_ep_classes(deep_ep)
         if not hasattr(deep_ep, class_name):
-            facts.problems.append(missing_class)
+            facts.problems.append(missing_class if isinstance(missing_class, str) else missing_class(deep_ep))
+    check_gpu(facts, gpu_need, min_capability)
+    return facts
+
+
+def check_gpu(facts: ProbeFacts, gpu_need: str, min_capability: tuple[int, int]) -> None:
+    """Add to ``facts`` whether a CUDA device is visible and its compute capability is ``min_capability`` or more."""
     cuda = cuda_problem(gpu_need)
     if cuda:
         facts.problems.append(cuda)
-        return facts
+        return
     facts.has_gpu = True
     import torch
 
@@ -160,12 +224,11 @@ def probe_deep_ep(class_name: str, install_hint: str, missing_class: str, gpu_ne
         major, minor = torch.cuda.get_device_capability()
     except Exception as exc:  # noqa: BLE001
         facts.problems.append(f"cannot read the GPU compute capability: {exc}")
-        return facts
+        return
     facts.details["compute_capability"] = f"{major}.{minor}"
     if (major, minor) < min_capability:
         facts.problems.append(f"GPU compute capability {major}.{minor} < {min_capability[0]}.{min_capability[1]}: "
                               f"{gpu_need}")
-    return facts
 
 
 def cuda_problem(gpu_need: str = "DeepEP kernels need an NVIDIA GPU") -> Optional[str]:
@@ -313,7 +376,8 @@ def loaded_nccl_version() -> tuple[int, int, int]:
     """The version of the ``libnccl.so.2`` this process has loaded, from its own ``ncclGetVersion``.
 
     ``torch.cuda.nccl.version()`` reports the NCCL torch was *compiled* with, which is not the library that
-    runs when a newer ``nvidia-nccl`` wheel is installed (DeepEP V2 needs the loaded one to be >= 2.30.4).
+    runs when a newer ``nvidia-nccl`` wheel is installed (DeepEP V2 needs the loaded one to be >= 2.30.4, V2.5
+    >= 2.32.3).
     ``import torch`` loads ``libnccl.so.2`` (else a CUDA init does); it is then looked up with
     ``RTLD_NOLOAD``, so ctypes reuses torch's copy and never loads another one (a plain ``CDLL`` without
     torch's copy in place would find the system's, possibly older, library). Raises :class:`RuntimeError`

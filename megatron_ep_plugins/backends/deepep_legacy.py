@@ -17,6 +17,9 @@
 * ``EventOverlap``/``EventHandle`` are imported from ``deep_ep.utils``, else ``deep_ep.utils.event``, else
   ``deep_ep`` (DeepEP V2 stopped re-exporting them from ``deep_ep.utils``, which makes Megatron 0.19.2's own
   probe report DeepEP missing on a V2 install).
+* DeepEP V2.5 (``EPBuffer`` only; upstream ``deep_ep`` or SGLang's ``sgl-deep-ep-v25`` wheel, import name
+  ``deep_ep_v25``) removed the V1 ``Buffer``: the probe and the constructor say so and point to ``elastic``
+  (which drives ``EPBuffer``) or to DeepEP <= 2.1 (e.g. ``sgl-deep-ep``, import name ``deep_ep``).
 * Hot path: the argument checks, the size rules below and the buffer lookup run once per call key (group,
   dtype, hidden, top-k, experts; see ``_deepep_common``); a steady-state call does one dict lookup plus the
   DeepEP calls and Megatron's own ``torch.tensor(num_recv_tokens_per_expert_list)``. A new SM count
@@ -70,13 +73,26 @@ from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult, EnvVar, Integer
 from ._deepep_common import (check_combine_args, check_dispatch_args, check_handle, check_torch_deterministic,
                              counts_tensor,
-                             combine_key, dispatch_key, import_event_classes, owned_weights, probe_deep_ep,
-                             rule_error)
+                             combine_key, deep_ep_api, deep_ep_version, dispatch_key, import_event_classes,
+                             owned_weights, probe_deep_ep, rule_error, v25_module_note)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["DeepEPLegacyBackend", "LegacyHandle", "check_v1_rules", "ep_register_backends"]
+__all__ = ["DeepEPLegacyBackend", "LegacyHandle", "check_v1_rules", "ep_register_backends", "missing_buffer_reason"]
+
+#: What a DeepEP V2.5 user can do instead (V2.5 removed the V1 ``Buffer``: sgl-deep-ep-v25 0.1.0rc0
+#: ``__init__.py:70-78`` exports ``EPBuffer``, ``EngramBuffer``, ``PPBuffer``, ``BucketBuffer`` and no ``Buffer``).
+V25_HINT = ("use the 'elastic' backend (it drives V2.5's EPBuffer), or install DeepEP <= 2.1 (e.g. sgl-deep-ep, "
+            "import name deep_ep) for 'legacy'")
+
+
+def missing_buffer_reason(deep_ep: Any) -> str:
+    """Why this ``deep_ep`` cannot serve the ``legacy`` backend (it has no V1 ``Buffer``)."""
+    if deep_ep_api(deep_ep) == "V2.5":
+        return (f"this DeepEP (V2.5, deep_ep {deep_ep_version(deep_ep)}, EPBuffer only) removed the V1 Buffer that "
+                f"the 'legacy' backend drives; {V25_HINT}")
+    return "deep_ep has no Buffer class (this DeepEP build lacks the V1 API)"
 
 INTRANODE_RANKS = (2, 4, 8)  # launch.cuh SWITCH_RANKS
 INTERNODE_RANKS = (16, 24, 32, 48, 64, 96, 128, 144, 160)  # launch.cuh SWITCH_RDMA_RANKS x 8
@@ -197,11 +213,17 @@ class DeepEPLegacyBackend:
         env_sms = read_int("MCORE_EP_LEGACY_NUM_SMS", minimum=2)
         if env_sms is not None:
             _validate_num_sms(env_sms, "MCORE_EP_LEGACY_NUM_SMS", ConfigError)
-        import deep_ep
+        try:
+            import deep_ep
+        except ImportError as exc:
+            note = v25_module_note()
+            if note is None:
+                raise
+            raise ImportError(f"deep_ep not importable: {exc}; {note}: {V25_HINT}") from exc
         import torch
 
         if not hasattr(deep_ep, "Buffer"):
-            raise ImportError("this deep_ep has no Buffer class (DeepEP V1 API); install DeepEP with the V1 Buffer")
+            raise ImportError(missing_buffer_reason(deep_ep))
         self._Buffer = deep_ep.Buffer
         self._EventOverlap, self._EventHandle = import_event_classes()
         self._int64 = torch.int64
@@ -370,10 +392,11 @@ class DeepEPLegacyBackend:
 
 
 def _probe() -> Availability:
-    facts = probe_deep_ep("Buffer", "install DeepEP, https://github.com/deepseek-ai/DeepEP",
-                          "deep_ep has no Buffer class (this DeepEP build lacks the V1 API)",
-                          "DeepEP V1 needs an NVIDIA GPU, Ampere (SM80) or newer", (8, 0))
+    facts = probe_deep_ep("Buffer", "install DeepEP <= 2.1, https://github.com/deepseek-ai/DeepEP",
+                          missing_buffer_reason, "DeepEP V1 needs an NVIDIA GPU, Ampere (SM80) or newer", (8, 0))
     problems, details = facts.problems, facts.details
+    if facts.deep_ep is None and v25_module_note():
+        problems.append(f"{v25_module_note()}: {V25_HINT}")
     if facts.deep_ep is not None:
         try:
             import_event_classes()

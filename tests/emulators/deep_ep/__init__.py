@@ -18,22 +18,32 @@ classes expose only attributes the real objects have; test bookkeeping is :func:
   ``deep_ep.utils`` (as DeepEP V1 and the ``hybrid-ep`` branch do); no ``ElasticBuffer``.
 * ``v2``: adds ``ElasticBuffer``/``EPHandle``; ``deep_ep.utils`` no longer re-exports ``EventOverlap``
   (it lives in ``deep_ep.utils.event`` and ``deep_ep``), as after DeepEP PR #605.
+* ``v25``: DeepEP V2.5 (``_ep_v25.py``): ``EPBuffer``/``EPHandle`` and V2.5's ``EventOverlap`` (hooks); no
+  ``Buffer``, ``ElasticBuffer``, ``HybridEPBuffer`` or ``Config`` (V2.5 ``__init__.py:70-78``, sgl-deep-ep-v25
+  0.1.0rc0); ``deep_ep.utils`` re-exports ``EventHandle`` only. The real wheel names the package
+  ``deep_ep_v25``; tests alias this package under that name to emulate it.
 """
 
 import os as _os
 
 API = _os.environ.get("DEEP_EP_EMULATOR_API", "v1").strip().lower()
-if API not in ("v1", "v2"):
-    raise ImportError(f"DEEP_EP_EMULATOR_API={API!r}: use v1 or v2")
+if API not in ("v1", "v2", "v25"):
+    raise ImportError(f"DEEP_EP_EMULATOR_API={API!r}: use v1, v2 or v25")
 
 IS_EMULATOR = True
 __version__ = "0.0.0+emulator." + API
 
-from ._emulator import (Buffer, Config, HybridEPBuffer, constructed, pending_async_events,  # noqa: E402
-                        reset_emulator_state)
+from ._emulator import constructed, pending_async_events, reset_emulator_state  # noqa: E402
 from .utils.event import EventHandle, EventOverlap  # noqa: E402
 
-__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "HybridEPBuffer"]
+if API == "v25":
+    from ._ep_v25 import EPBuffer, EPHandle  # noqa: E402,F401
+
+    __all__ = ["EPBuffer", "EPHandle", "EventHandle", "EventOverlap"]
+else:
+    from ._emulator import Buffer, Config, HybridEPBuffer  # noqa: E402,F401
+
+    __all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "HybridEPBuffer"]
 
 if API == "v2":
     from ._emulator import ElasticBuffer, EPHandle  # noqa: E402,F401

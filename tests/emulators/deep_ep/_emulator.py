@@ -8,7 +8,8 @@ source coordinates and each source rank sums the rows that name it.
 Strictness rule: this double is at least as strict as the library it stands for. Every rule below carries a
 ``# mirrors DeepEP <file>:<line>`` comment naming the source it copies: DeepEP ``main`` at ``DEEPEP_MAIN``
 (``deep_ep`` 2.1.0: V1 ``Buffer``, V2 ``ElasticBuffer``) and branch ``hybrid-ep`` at ``DEEPEP_HYBRID_EP``
-(``HybridEPBuffer``). Failure modes are mimicked:
+(``HybridEPBuffer``); DeepEP V2.5's ``EPBuffer`` lives in ``_ep_v25.py`` (it reuses the helpers below).
+Failure modes are mimicked:
 
 * a C++ ``EP_HOST_ASSERT`` raises ``RuntimeError("Assertion exception (<file>:<line>): <condition>")``
   (``deep_ep/include/deep_ep/common/exception.cuh``: an ``EPException`` that pybind turns into RuntimeError);
@@ -47,7 +48,7 @@ EMULATED_DEVICE_SMS = 132
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
 # mirrors DeepEP deep_ep/buffers/legacy.py:get_dispatch_config/get_combine_config config_map keys (dd758caf)
 _SUPPORTED_V1_RANKS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)
-_CONSTRUCTED = {"Buffer": 0, "ElasticBuffer": 0, "HybridEPBuffer": 0}
+_CONSTRUCTED = {"Buffer": 0, "ElasticBuffer": 0, "EPBuffer": 0, "HybridEPBuffer": 0}
 
 
 def pending_async_events() -> int:
@@ -56,7 +57,7 @@ def pending_async_events() -> int:
 
 
 def constructed(name: str) -> int:
-    """How many ``Buffer``/``ElasticBuffer``/``HybridEPBuffer`` objects this process built (test bookkeeping)."""
+    """How many ``Buffer``/``ElasticBuffer``/``EPBuffer``/``HybridEPBuffer`` objects were built (test bookkeeping)."""
     return _CONSTRUCTED[name]
 
 
