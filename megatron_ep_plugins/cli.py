@@ -6,7 +6,12 @@ Commands (each with ``--json`` for machines):
   available or not and why);
 * ``explain`` -- what ``install()`` would select now (``--backend`` to ask about a name), and why;
 * ``env``     -- every ``MCORE_EP_*`` variable: value here, default, meaning;
-* ``compat``  -- the Megatron-Core versions the patch table supports and how each was verified.
+* ``compat``  -- the Megatron-Core versions the patch table supports and how each was verified;
+* ``doctor``  -- checks what breaks expert-parallel jobs on this host (torch, GPUs, NCCL compiled vs loaded,
+  DeepEP and its classes, NVSHMEM, ``EP_DISABLE_GIN``, ``MCORE_EP_*`` values, Megatron vs the patch table,
+  ``HAVE_DEEP_EP``, what ``auto`` chooses) and says how to fix each; exit 0 / 1 (problems) / 2 (cannot run);
+* ``bench``   -- backends side by side (``benchmarks/ep_bench.py`` as a command, same options and files;
+  ``megatron-ep bench --help``).
 
 Exit status: 0 on success, 1 when the question has no good answer (e.g. the named backend is
 unavailable; the message says why), 2 on usage errors.
@@ -178,15 +183,35 @@ def _cmd_compat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    report = doctor.run()
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(report.text())
+    return report.exit_code
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:  # pragma: no cover - main() hands `bench` over before parsing
+    from .bench import main as bench_main
+
+    return bench_main([])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-ep", description="Expert-parallel backends for Megatron-Core.")
     parser.add_argument("--version", action="version", version=f"megatron_ep_plugins {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,explain,env,compat}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,explain,env,compat,doctor,bench}")
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("list", "plugins and backends, with availability and reasons", _cmd_list),
         ("explain", "which backend would be selected now, and why", _cmd_explain),
         ("env", "every MCORE_EP_* variable with its value and meaning", _cmd_env),
         ("compat", "supported Megatron-Core versions (the patch table) and how each was verified", _cmd_compat),
+        ("doctor", "check what breaks expert-parallel jobs here and how to fix each (exit 0 ok, 1 problems, "
+                   "2 cannot run)", _cmd_doctor),
+        ("bench", "benchmark backends side by side (options: megatron-ep bench --help)", _cmd_bench),
     ]
     for name, help_text, fn in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -200,6 +225,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser: every ep_bench.py option, unchanged
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:], prog="megatron-ep bench")
     args = _parser().parse_args(argv)
     try:
         try:

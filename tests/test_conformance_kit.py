@@ -173,7 +173,17 @@ EMULATED = KitConfig(cases=25, force_device=True)
 def test_kit_passes_deepep_adapters_on_the_emulator(deepep_emulator, name, api, worlds):
     deepep_emulator(api)
     report = check_backend(name, worlds=worlds, config=EMULATED)
-    assert report.passed, report.text()
+    if name != "legacy":
+        assert report.passed, report.text()
+        return
+    # legacy's documented limit (deepep_legacy.py: "the expert ids are not range-checked (that would cost a host
+    # sync; DeepEP does not either)"): DeepEP V1's device assert fires on the rank holding the bad id only and its
+    # peers wait. The kit reports exactly that, and everything else passes.
+    failed = dict(report.failures())
+    assert set(failed) == {f"{w} ranks: {c}" for w in worlds for c in ("bad_id_too_large", "bad_id_below_minus_one")}, \
+        report.text()
+    for text in failed.values():
+        assert "device-side assert" in text and "must raise on every rank alike" in text, text
 
 
 def test_kit_passes_ncclep_on_the_emulator(ncclep_emulator):

@@ -83,6 +83,7 @@ def pytest_generate_tests(metafunc: Any) -> None:
         raise pytest.UsageError("the conformance kit needs the backend to check: pytest --pyargs "
                                 "megatron_ep_plugins.testing --ep-backend NAME (repeatable; `megatron-ep list` "
                                 "shows the registered names)")
+    _resolve_all(metafunc.config, names)  # an unknown or unavailable backend: one usage error, before any test
     metafunc.parametrize("ep_backend", list(dict.fromkeys(names)), scope="session")
     metafunc.parametrize("ep_world", list(dict.fromkeys(_ints(metafunc.config, "ep_ranks"))), scope="session",
                          ids=lambda w: f"{w}ranks")
@@ -92,6 +93,22 @@ def pytest_generate_tests(metafunc: Any) -> None:
         metafunc.parametrize("ep_scenario", [c.name for c in scenarios(2, kit_config(metafunc.config).shape)])
     if "ep_bad_id" in metafunc.fixturenames:
         metafunc.parametrize("ep_bad_id", ["bad_id_too_large", "bad_id_below_minus_one"])
+
+
+def _resolve_all(config: Any, names: list) -> dict:
+    cache = getattr(config, "_megatron_ep_specs", None)
+    if cache is None:
+        from .kit import KitUsageError, resolve_backend
+
+        kit = kit_config(config)
+        cache = {}
+        for name in dict.fromkeys(names):
+            try:
+                cache[name] = resolve_backend(name, kit)
+            except KitUsageError as exc:
+                raise pytest.UsageError(f"conformance kit: {exc}") from None
+        config._megatron_ep_specs = cache
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -108,13 +125,8 @@ def ep_pools() -> Any:
 
 
 @pytest.fixture(scope="session")
-def ep_spec(ep_backend: str, ep_config: Any) -> Any:
-    from .kit import KitUsageError, resolve_backend
-
-    try:
-        return resolve_backend(ep_backend, ep_config)
-    except KitUsageError as exc:
-        pytest.fail(str(exc), pytrace=False)
+def ep_spec(ep_backend: str, pytestconfig: Any) -> Any:
+    return _resolve_all(pytestconfig, pytestconfig.getoption("ep_backend"))[ep_backend]
 
 
 @pytest.fixture
