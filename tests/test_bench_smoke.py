@@ -42,3 +42,37 @@ def test_bench_unknown_backend_lists_valid_names(tmp_path):
     for name in ("torch", "allgather", "legacy", "elastic"):
         assert f"'{name}'" in proc.stderr
     assert not (tmp_path / "ep_bench.json").exists()
+
+
+def test_bench_command_writes_json_markdown_plot_and_progress(tmp_path):
+    """``megatron-ep bench`` is the same benchmark: same options, same files, plus the PNG with matplotlib."""
+    exe = Path(sys.executable).with_name("megatron-ep")
+    proc = subprocess.run([str(exe), "bench", *TINY, "--tokens", "32,64", "--backends", "torch,allgather", "--plot",
+                           "--progress", "lines", "--out", str(tmp_path), "--name", "sweep"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert [run["tokens_per_rank"] for run in report["sweep"]] == [32, 64]
+    assert all(r["conformance"]["passed"] for run in report["sweep"] for r in run["results"])
+    assert (tmp_path / "sweep.md").read_text().startswith("# ep_bench")
+    assert "ep_bench: [4/4," in proc.stdout  # progress: one line per (size, backend) when not on a terminal
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib not importable" in proc.stdout
+    else:
+        assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_help_and_validate_sh_options_still_parse():
+    from megatron_ep_plugins.bench.cli import parse_args
+
+    exe = Path(sys.executable).with_name("megatron-ep")
+    help_text = subprocess.run([str(exe), "bench", "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "--backends" in help_text and "--progress" in help_text and help_text.startswith("usage: megatron-ep bench")
+    validate = (SCRIPT.parent / "gpu" / "validate.sh").read_text()
+    lines = [line.split(" bench ", 1)[1] for line in validate.splitlines() if " bench " in line and "step " in line]
+    assert len(lines) >= 5
+    for line in lines:  # every benchmark run of the GPU validation, as the script passes it (bench() adds these)
+        args = parse_args(["--plot", "--out", "/tmp/x", "--device", "cpu", *line.split()])
+        assert args.backends and args.plot
