@@ -30,8 +30,10 @@ __all__ = ["Finding", "Report", "run"]
 
 OK, INFO, WARNING, PROBLEM = "ok", "info", "warning", "problem"
 BUFFER_CLASSES = ("Buffer", "ElasticBuffer", "EPBuffer", "HybridEPBuffer")
-#: DeepEP V2 needs at least this NCCL at run time (deepep_elastic.MIN_NCCL, kept here to avoid the import).
-V2_MIN_NCCL = (2, 30, 4)
+#: NCCL each DeepEP generation needs at run time (V2 2.0-2.1 ElasticBuffer; V2.5 EPBuffer), as deepep_elastic checks.
+V2_MIN_NCCL = {"ElasticBuffer": (2, 30, 4), "EPBuffer": (2, 32, 3)}
+#: Module names DeepEP installs as, with their distribution names (SGLang's wheel ships V2.5 as deep_ep_v25).
+DEEP_EP_MODULES = {"deep_ep": ("deep_ep", "deep-ep", "sgl-deep-ep"), "deep_ep_v25": ("sgl-deep-ep-v25",)}
 
 
 @dataclass
@@ -204,14 +206,20 @@ def _nccl(report: Report, facts: dict) -> None:
 
 def _deep_ep(report: Report, facts: dict) -> None:
     facts["deep_ep"] = None
-    spec = importlib.util.find_spec("deep_ep")
-    if spec is None:
+    found = [m for m in DEEP_EP_MODULES if importlib.util.find_spec(m) is not None]
+    if not found:
         report.add("deep_ep", INFO, "DeepEP is not installed: the legacy, elastic and hybridep backends are unavailable",
-                   "for DeepEP kernels build DeepEP against this torch (https://github.com/deepseek-ai/DeepEP); the "
-                   "torch backend needs nothing")
+                   "for DeepEP kernels build DeepEP against this torch (https://github.com/deepseek-ai/DeepEP), or "
+                   "pip install sgl-deep-ep-v25 (V2.5, EPBuffer); the torch backend needs nothing")
         return
+    for module in found:
+        _one_deep_ep(report, facts, module)
+
+
+def _one_deep_ep(report: Report, facts: dict, module: str) -> None:
+    spec = importlib.util.find_spec(module)
     try:
-        deep_ep = importlib.import_module("deep_ep")
+        deep_ep = importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - the reason is the finding
         message = f"{type(exc).__name__}: {exc}"
         if "undefined symbol" in message or "version `" in message:
@@ -223,33 +231,36 @@ def _deep_ep(report: Report, facts: dict) -> None:
             fix = "its NCCL is not found or too old: DeepEP V2 needs NCCL >= 2.30.4 (pip install nvidia-nccl-cu13)"
         else:
             fix = "reinstall DeepEP built against this torch"
-        report.add("deep_ep", PROBLEM, f"deep_ep is installed ({spec.origin}) but does not import: {message}", fix)
+        report.add("deep_ep", PROBLEM, f"{module} is installed ({spec.origin}) but does not import: {message}", fix)
         return
     from .backends._deepep_common import deep_ep_version
 
     classes = [name for name in BUFFER_CLASSES if hasattr(deep_ep, name)]
     version = deep_ep_version(deep_ep)
-    dist = _dist_version("deep_ep", "deep-ep")
+    dist = _dist_version(*DEEP_EP_MODULES[module])
     emulator = bool(getattr(deep_ep, "IS_EMULATOR", False))
-    extensions = [p for p in _loaded_libraries("deep_ep") if p.endswith(".so")]
-    facts["deep_ep"] = {"version": version, "classes": classes}
+    extensions = [p for p in _loaded_libraries(module) if p.endswith(".so")]
+    known = facts.get("deep_ep") or {"version": version, "classes": []}
+    known["classes"] = sorted(set(known["classes"]) | set(classes), key=BUFFER_CLASSES.index)
+    facts["deep_ep"] = known
     built = ("a CPU test double" if emulator else
              f"its extension loads against torch {facts.get('torch')}" + (f" ({extensions[0]})" if extensions else ""))
     if dist and "torch" in dist.split("+")[-1]:
         built += f"; distribution {dist}"
-    backends = [b for b, cls in (("legacy", "Buffer"), ("elastic", "ElasticBuffer"), ("hybridep", "HybridEPBuffer"))
-                if cls in classes]
+    backends = [b for b, cls in (("legacy", "Buffer"), ("elastic", "ElasticBuffer"), ("elastic", "EPBuffer"),
+                                 ("hybridep", "HybridEPBuffer")) if cls in classes]
     report.add("deep_ep", OK if classes else PROBLEM,
-               f"deep_ep {version} at {os.path.dirname(deep_ep.__file__ or '')}: classes {classes or 'none'} "
+               f"{module} {version} at {os.path.dirname(deep_ep.__file__ or '')}: classes {classes or 'none'} "
                f"(backends {backends or 'none'}); {built}",
                "" if classes else "this deep_ep has none of DeepEP's buffer classes: is another package called "
                                   "deep_ep shadowing it?", classes=classes, version=version)
-    if "ElasticBuffer" in classes:
-        loaded = facts.get("nccl_loaded")
-        if loaded and loaded < V2_MIN_NCCL:
-            report.add("deep_ep", PROBLEM, f"DeepEP V2 (ElasticBuffer) needs NCCL >= {_version_text(V2_MIN_NCCL)} at "
-                                           f"run time; this process loaded {_version_text(loaded)}",
-                       "pip install 'nvidia-nccl-cu13>=2.30.4' (and make sure no older libnccl.so.2 comes first)")
+    loaded = facts.get("nccl_loaded")
+    for cls, need in V2_MIN_NCCL.items():
+        if cls in classes and loaded and loaded < need:
+            report.add("deep_ep", PROBLEM, f"DeepEP {cls} needs NCCL >= {_version_text(need)} at run time; this "
+                                           f"process loaded {_version_text(loaded)}",
+                       f"pip install 'nvidia-nccl-cu13>={_version_text(need)}' (and make sure no older libnccl.so.2 "
+                       "comes first)")
 
 
 def _nvshmem(report: Report, facts: dict) -> None:

@@ -148,3 +148,12 @@ def test_cannot_run_without_torch_exits_2():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "cannot run: torch does not import" in proc.stdout
+
+
+def test_deepep_v25_needs_a_newer_nccl_than_loaded(deepep_emulator, monkeypatch):
+    deepep_emulator("v25", nccl=(2, 30, 7))
+    _fake_gpus(monkeypatch)
+    findings = _by(doctor.run(), "deep_ep")
+    assert any("EPBuffer" in f.details.get("classes", ()) for f in findings), findings
+    bad = [f for f in findings if f.status == doctor.PROBLEM]
+    assert bad and "EPBuffer needs NCCL >= 2.32.3" in bad[0].summary and "loaded 2.30.7" in bad[0].summary
