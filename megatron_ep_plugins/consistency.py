@@ -85,7 +85,7 @@ def check_agreement(group: Any, backend_name: str, key: Mapping[str, Any], versi
         if wait:
             _gather_check(group, backend_name, key, version)
         return
-    ranks = sorted(dist.get_process_group_ranks(group))
+    ranks = sorted(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
     world, me = len(ranks), dist.get_rank()
     group_hash = hashlib.sha1(",".join(map(str, ranks)).encode()).hexdigest()[:16]
     number = _rounds[group_hash] = _rounds.get(group_hash, 0) + 1
