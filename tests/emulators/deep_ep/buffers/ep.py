@@ -6,7 +6,7 @@ with the Python package renamed ``deep_ep_v25``; it ships the Python sources, th
 headers DeepJIT compiles. Each ``# mirrors DeepEP V2.5 <path>:<line>`` comment names a path inside that package:
 ``buffers/ep.py`` (upstream ``deep_ep/buffers/ep.py``), ``csrc/buffers/ep.hpp``, ``include/deep_ep/...``.
 
-What V2.5 changed against V2 (``_emulator._ElasticBuffer``), all modelled here:
+What V2.5 changed against V2 (``buffers/elastic.py``), all modelled here:
 
 * ``EPBuffer`` replaces ``ElasticBuffer`` (no alias); constructor without ``num_cpu_bytes``, with
   ``lb_allocation_plan_or_num_bytes``; ``sl_idx`` defaults to ``None``;
@@ -31,10 +31,10 @@ from typing import Optional
 
 import torch
 
-from ._emulator import (EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk, _combine_rows,
+from .._collective import (EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk, _combine_rows,
                         _finish_dispatch, _gather_objects, _gather_rows, _host_assert, _pack_x, _raise_if_any, _select,
                         _unpack_x)
-from .utils.event import EventHandle, _V25EventOverlap, new_event
+from ..utils.event import EventHandle, _V25EventOverlap, new_event
 
 DEEPEP_V25 = "sgl-deep-ep-v25 0.1.0rc0"
 # mirrors DeepEP V2.5 include/deep_ep/common/compiled.cuh:69 kNumAllocationAlignmentBytes = 2 MiB (sgl-deep-ep-v25 0.1.0rc0)
