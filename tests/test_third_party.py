@@ -1,4 +1,4 @@
-"""A separately installed plugin package (examples/ep_allgather_plugin) is discovered, listed, selected."""
+"""A separately installed plugin package (examples/plugins/ep_allgather) is discovered, listed, selected."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from distributed import run_ranks
 from test_torch_backend import SCENARIOS, make_inputs
 
-HINT = "the example plugin is not installed: pip install -e examples/ep_allgather_plugin (scripts/setup.sh does)"
+HINT = "the example plugin is not installed: pip install -e examples/plugins/ep_allgather (scripts/setup.sh does)"
 
 
 def test_listed_with_its_distribution():
