@@ -39,6 +39,7 @@ class KitConfig:
     force_device: bool = False
     timeout: float = 120.0
     grace: float = 3.0
+    seed: Optional[int] = None  # the random cases' seed (None: a new one each run; hypothesis prints it on failure)
 
 
 def resolve_backend(name: str, config: KitConfig) -> Any:
@@ -136,6 +137,10 @@ def run_random(pool: RankPool, name: str, world: int, config: KitConfig, example
                 hung.append(case.describe())
             raise
 
+    if config.seed is not None:
+        from hypothesis import seed
+
+        random_round = seed(config.seed)(random_round)
     random_round()
     return count[0]
 

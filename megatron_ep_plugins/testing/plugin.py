@@ -36,6 +36,8 @@ def pytest_addoption(parser: Any) -> None:
     group.addoption("--ep-force-device", action="store_true",
                     help="run a backend on --ep-device even if its capabilities do not declare that device "
                          "(e.g. a CPU emulator of its library)")
+    group.addoption("--ep-seed", type=int, default=None, metavar="N",
+                    help="seed of the random cases (default: a new one each run); the same seed, the same cases")
     group.addoption("--ep-timeout", type=float, default=120.0, metavar="S",
                     help="seconds one round may take before the ranks count as hung (default 120)")
 
@@ -72,7 +74,8 @@ def kit_config(config: Any) -> Any:
     except ValueError as exc:
         raise pytest.UsageError(f"conformance kit options: {exc}") from None
     return KitConfig(device=config.getoption("ep_device"), shape=shape, cases=cases,
-                     force_device=config.getoption("ep_force_device"), timeout=config.getoption("ep_timeout"))
+                     force_device=config.getoption("ep_force_device"), timeout=config.getoption("ep_timeout"),
+                     seed=config.getoption("ep_seed"))
 
 
 def pytest_generate_tests(metafunc: Any) -> None:

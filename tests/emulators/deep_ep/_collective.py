@@ -142,6 +142,8 @@ def _gather_rows(group, tensors: list) -> list[list]:
         for d in t.shape[1:]:
             width *= d
         flat = t.reshape(n, width)
+        if flat.numel() and flat.stride(-1) != 1:  # a 1-row column view counts as contiguous but keeps its stride
+            flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
         if flat.dtype == torch.bool:
             flat = flat.to(torch.uint8)
         raw = flat.view(torch.uint8) if flat.shape[1] else flat.to(torch.uint8)
