@@ -44,12 +44,10 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import traceback
 from collections import Counter, defaultdict
 from datetime import timedelta
 from pathlib import Path
@@ -483,29 +481,13 @@ def pieces_profile(backends, x, idx, w, args, group, device):
     return out, seen
 
 
-def dedup_rows(x, idx, E, group):
-    """What any token-major backend moves: each token once per destination rank (destination-major)."""
-    import torch
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    local = E // world
-    dest = torch.where(idx >= 0, idx // local, world)
-    in_rank = torch.zeros(idx.shape[0], world + 1, dtype=torch.bool, device=idx.device)
-    in_rank.scatter_(1, dest, True)
-    in_rank = in_rank[:, :world]
-    token_ids = in_rank.t().nonzero()[:, 1]
-    send_counts = in_rank.sum(0).to(torch.int64)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    return x[token_ids].contiguous(), send_counts, recv_counts
-
-
 def floors(x, idx, args, group, device):
     """The raw all_to_all_single pair of the same rows (split sizes known), and the same plus the count
     exchange and its host sync (as benchmarks/ep_bench.py times them)."""
     import torch
     import torch.distributed as dist
+
+    from megatron_ep_plugins.bench.measure import dedup_rows
 
     send, send_counts, recv_counts = dedup_rows(x, idx, args.experts, group)
     send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
@@ -666,57 +648,13 @@ def markdown(report):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
-# launch: torchrun, or self-spawned local ranks
-# ---------------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    try:
-        code = run_rank(rank, world, args)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-        if not isinstance(exc.code, int):
-            sys.stderr.write(f"rank {rank}: {exc.code}\n")
-    except BaseException:  # noqa: BLE001 - reported by the parent's exit status
-        sys.stderr.write(f"rank {rank} failed:\n{traceback.format_exc()}")
-        code = 1
-    queue.put((rank, code))
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
-        return run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
-    import multiprocessing as mp
-    import queue as queue_module
+    from megatron_ep_plugins.bench.cli import launch
 
+    args = parse_args(argv)
     if args.threads is None and "OMP_NUM_THREADS" not in os.environ and args.nproc > 1:
         args.threads = 1  # torchrun's default: ranks sharing a host's cores would otherwise oversubscribe them
-    ctx = mp.get_context("spawn" if args.device == "cuda" else "fork")
-    world, port = args.nproc, _free_port()
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_spawned, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    codes = {}
-    for _ in range(world):
-        try:
-            r, c = queue.get(timeout=2)
-        except queue_module.Empty:
-            break
-        codes[r] = c
-    for r, p in enumerate(procs):
-        codes.setdefault(r, p.exitcode if p.exitcode else 1)
-    return max(codes.values()) if codes else 1
+    return launch(run_rank, args)
 
 
 if __name__ == "__main__":

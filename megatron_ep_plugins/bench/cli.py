@@ -116,9 +116,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawned(rank, world, port, args, queue):
-    from .measure import run_rank
-
+def _spawned(run_rank, rank, world, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     try:
@@ -127,34 +125,29 @@ def _spawned(rank, world, port, args, queue):
         code = exc.code if isinstance(exc.code, int) else 1
         if not isinstance(exc.code, int):
             sys.stderr.write(f"rank {rank}: {exc.code}\n")
-    except BaseException:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001 - reported by the parent's exit status
         sys.stderr.write(f"rank {rank} failed:\n{traceback.format_exc()}")
         code = 1
     queue.put((rank, code))
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, default_out: Optional[str] = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run on every rank (torchrun's, or ``--nproc`` spawned ones);
-    returns the exit status (0 all ran backends passed conformance, 1 one failed or raised, 2 bad arguments)."""
-    from .measure import resolve_backends, run_rank
-
-    args = parse_args(argv, prog, default_out)
-    resolve_backends(args.backends)  # unknown names fail here, before any rank starts
+def launch(run_rank, args) -> int:
+    """``run_rank(rank, world, args)`` on torchrun's ranks, or on ``args.nproc`` local ranks spawned here
+    (fork for CPU/gloo, spawn for CUDA); returns the worst exit status. Shared by the benchmark scripts."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         return run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
     import multiprocessing as mp
+    import queue as queue_module
 
     ctx = mp.get_context("spawn" if args.device == "cuda" else "fork")
     world, port = args.nproc, _free_port()
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_spawned, args=(r, world, port, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_spawned, args=(run_rank, r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    codes = {}
     for p in procs:
         p.join()
-    import queue as queue_module
-
+    codes = {}
     for _ in range(world):
         try:
             r, c = queue.get(timeout=2)
@@ -164,3 +157,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defau
     for r, p in enumerate(procs):
         codes.setdefault(r, p.exitcode if p.exitcode else 1)
     return max(codes.values()) if codes else 1
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, default_out: Optional[str] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run on every rank (torchrun's, or ``--nproc`` spawned ones);
+    returns the exit status (0 all ran backends passed conformance, 1 one failed or raised, 2 bad arguments)."""
+    from .measure import resolve_backends, run_rank
+
+    args = parse_args(argv, prog, default_out)
+    resolve_backends(args.backends)  # unknown names fail here, before any rank starts
+    return launch(run_rank, args)

@@ -162,7 +162,7 @@ def timing_direct_elastic(backend, x_in, idx, probs, E, group, rank, args):
         return time_pair(d, c, args.iters, args.warmup, args.device, group)
 
 
-def _dedup_rows(x_in, idx, E, group):
+def dedup_rows(x_in, idx, E, group):
     """What any token-major backend must move: each token once per destination rank (destination-major)."""
     import torch
     import torch.distributed as dist
@@ -186,7 +186,7 @@ def timing_direct_torch(backend, x_in, idx, probs, E, group, rank, args):
     import torch
     import torch.distributed as dist
 
-    send, send_counts, recv_counts = _dedup_rows(x_in, idx, E, group)
+    send, send_counts, recv_counts = dedup_rows(x_in, idx, E, group)
     send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
     recv = send.new_empty(sum(recv_splits), send.shape[1])
     back = torch.empty_like(send)
@@ -206,7 +206,7 @@ def timing_direct_torch_counts(backend, x_in, idx, probs, E, group, rank, args):
     import torch
     import torch.distributed as dist
 
-    send, send_counts, _ = _dedup_rows(x_in, idx, E, group)
+    send, send_counts, _ = dedup_rows(x_in, idx, E, group)
     send_splits = send_counts.tolist()
     got = torch.empty_like(send_counts)
     state = {}
