@@ -190,3 +190,25 @@ def test_every_row_says_how_it_was_verified_and_the_matrix_covers_the_ci_rows():
             record = json.loads((ROOT / "benchmarks" / "results" / "megatron" / f"source_{branch}.json").read_text())
             assert record["commit"].startswith(entry.verified_with.split()[2])
             assert all(v == "ok" for k, v in record["results"].items() if k in ("patch", "round_trip", "moe_layer"))
+
+
+def test_with_deepep_2x_stock_megatron_sees_no_deepep_and_the_patch_restores_the_slot():
+    """Megatron 0.15-0.19 imports ``EventOverlap`` from ``deep_ep.utils``, which DeepEP 2.x no longer exports:
+    with a 2.x layout installed (here the CPU DeepEP test double in its V2 layout, tests/emulators/deep_ep) stock
+    Megatron reports ``HAVE_DEEP_EP=False`` and has no ``fused_dispatch`` although ``deep_ep.Buffer`` exists.
+    Installing a backend through this package puts the slot back."""
+    code = "\n".join([
+        "import deep_ep, deep_ep.utils",
+        "assert hasattr(deep_ep, 'Buffer') and not hasattr(deep_ep.utils, 'EventOverlap')",
+        "from megatron.core.transformer.moe import fused_a2a as fa, token_dispatcher as td",
+        "print('stock', fa.HAVE_DEEP_EP, fa.fused_dispatch, td.fused_dispatch)",
+        "import megatron_ep_plugins as mep",
+        "mep.install('torch')",
+        "print('patched', fa.HAVE_DEEP_EP, td.fused_dispatch.__megatron_ep_backend__)",
+    ])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCORE_EP_")}
+    env.update(PYTHONPATH=str(ROOT / "tests" / "emulators"), DEEP_EP_EMULATOR_API="v2", MCORE_EP_LOG="warning")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stock False None None" in proc.stdout
+    assert "patched True torch" in proc.stdout
