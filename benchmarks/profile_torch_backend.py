@@ -49,7 +49,6 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from datetime import timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -562,19 +561,11 @@ def run_rank(rank, world, args):
     import torch
     import torch.distributed as dist
 
+    from megatron_ep_plugins.bench.measure import init_rank
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    else:
-        device = "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(seconds=300))
-    group = dist.group.WORLD
-    if args.experts % world:
-        raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
+    device, group = init_rank(rank, world, args)
     backends = {label: load_impl(label, path).TorchA2ABackend() for label, path in args.impls}
     sizes = []
     for tokens in args.token_list:

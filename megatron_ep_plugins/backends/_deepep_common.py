@@ -444,3 +444,21 @@ def _frombuffer():
 
 _FROMBUFFER = None
 _int64 = None
+
+
+def check_token_rows(backend: str, x, op: str):
+    """The rows of a combine or cached dispatch: ``[N, H]``, bf16 (FP8 pairs only for dispatch); returns the
+    data tensor. Shared by the DeepEP adapters' once-per-call-key slow paths."""
+    import torch
+
+    data = x[0] if isinstance(x, tuple) else x
+    if not isinstance(data, torch.Tensor) or data.dim() != 2:
+        raise InvalidInputError(f"backend {backend!r}: {op} expects x of shape [N, H], got "
+                                f"{getattr(data, 'shape', type(data).__name__)!r}")
+    if op == "combine" and (isinstance(x, tuple) or data.dtype != torch.bfloat16):
+        raise InvalidInputError(f"backend {backend!r}: DeepEP combines bf16 rows, got "
+                                f"{'an FP8 pair' if isinstance(x, tuple) else data.dtype}; cast to bf16")
+    if op != "combine" and not isinstance(x, tuple) and data.dtype != torch.bfloat16:
+        raise InvalidInputError(f"backend {backend!r}: DeepEP dispatches bf16 tokens (or an FP8 (e4m3, "
+                                f"scales) pair), got {data.dtype}; cast x to torch.bfloat16")
+    return data

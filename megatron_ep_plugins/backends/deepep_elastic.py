@@ -109,7 +109,7 @@ from ..errors import ConfigError, InvalidInputError, RankMismatchError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer, OneOf
 from . import _deepep_common
-from ._deepep_common import (DEEP_EP_V25_MODULE, ProbeFacts, agree_on_inputs, check_combine_args, check_dispatch_args,
+from ._deepep_common import (check_token_rows, DEEP_EP_V25_MODULE, ProbeFacts, agree_on_inputs, check_combine_args, check_dispatch_args,
                              check_gpu, check_handle, counts_tensor, check_torch_deterministic, combine_key,
                              decode_nccl_version, deep_ep_api, deep_ep_classes, deep_ep_version, device_sm_count,
                              dispatch_key, module_installed, owned_weights, rule_error)
@@ -547,18 +547,7 @@ class DeepEPElasticBackend:
 
     def _check_tokens(self, key, x, h: ElasticHandle, op: str) -> None:
         """Slow path of combine / cached dispatch, once per call key."""
-        import torch
-
-        data = x[0] if isinstance(x, tuple) else x
-        if not isinstance(data, torch.Tensor) or data.dim() != 2:
-            raise InvalidInputError(f"backend {self.name!r}: {op} expects x of shape [N, H], got "
-                                    f"{getattr(data, 'shape', type(data).__name__)!r}")
-        if op == "combine" and (isinstance(x, tuple) or data.dtype != torch.bfloat16):
-            raise InvalidInputError(f"backend {self.name!r}: DeepEP combines bf16 rows, got "
-                                    f"{'an FP8 pair' if isinstance(x, tuple) else data.dtype}; cast to bf16")
-        if op != "combine" and not isinstance(x, tuple) and data.dtype != torch.bfloat16:
-            raise InvalidInputError(f"backend {self.name!r}: DeepEP dispatches bf16 tokens (or an FP8 (e4m3, "
-                                    f"scales) pair), got {data.dtype}; cast x to torch.bfloat16")
+        data = check_token_rows(self.name, x, op)
         if data.shape[1] > h.buffer_hidden:
             raise InvalidInputError(f"backend {self.name!r}: {op} got hidden={data.shape[1]}, above the hidden size "
                                     f"{h.buffer_hidden} of the buffer that made this handle; pass the dispatch's "

@@ -71,7 +71,7 @@ from ..config import declare, read_int
 from ..errors import ConfigError, InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult, EnvVar, Integer
-from ._deepep_common import (check_combine_args, check_dispatch_args, check_handle, check_torch_deterministic,
+from ._deepep_common import (check_token_rows, check_combine_args, check_dispatch_args, check_handle, check_torch_deterministic,
                              counts_tensor,
                              combine_key, deep_ep_api, deep_ep_version, dispatch_key, import_event_classes,
                              owned_weights, probe_deep_ep, rule_error, v25_module_note)
@@ -168,7 +168,7 @@ def check_v1_rules(world: int, hidden: int, elem_size: int, topk: int, num_exper
     if num_experts is None:
         return
     if num_experts % world:
-        raise rule_error(backend, "DeepEP V1", f"num_experts % group size == 0", f"num_experts={num_experts} on "
+        raise rule_error(backend, "DeepEP V1", "num_experts % group size == 0", f"num_experts={num_experts} on "
                          f"{world} ranks", f"use a multiple of {world} experts")
     local = num_experts // world
     if internode:
@@ -303,19 +303,8 @@ class DeepEPLegacyBackend:
 
     def _prepare_tokens(self, key, x, group, op: str):
         """Slow path of combine / cached dispatch, once per call key."""
-        import torch
-
         world = self._world_size(group)
-        data = x[0] if isinstance(x, tuple) else x
-        if not isinstance(data, torch.Tensor) or data.dim() != 2:
-            raise InvalidInputError(f"backend {self.name!r}: {op} expects x of shape [N, H], got "
-                                    f"{getattr(data, 'shape', type(data).__name__)!r}")
-        if op == "combine" and (isinstance(x, tuple) or data.dtype != torch.bfloat16):
-            raise InvalidInputError(f"backend {self.name!r}: DeepEP combines bf16 rows, got "
-                                    f"{'an FP8 pair' if isinstance(x, tuple) else data.dtype}; cast to bf16")
-        if op != "combine" and not isinstance(x, tuple) and data.dtype != torch.bfloat16:
-            raise InvalidInputError(f"backend {self.name!r}: DeepEP dispatches bf16 tokens (or an FP8 (e4m3, "
-                                    f"scales) pair), got {data.dtype}; cast x to torch.bfloat16")
+        data = check_token_rows(self.name, x, op)
         check_torch_deterministic(self.name)
         check_v1_rules(world, data.shape[1], data.element_size(), 0, None,
                        x[1].shape[1] if isinstance(x, tuple) else 0, op="combine" if op == "combine" else "dispatch")

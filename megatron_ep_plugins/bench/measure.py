@@ -469,11 +469,10 @@ def bandwidth(res, args, world, group):
     res["bytes_per_rank"] = {"dispatch": nbytes[0], "combine": nbytes[1]}
 
 
-def run_rank(rank, world, args):
+def init_rank(rank, world, args):
+    """One benchmark rank's device and process group (NCCL on CUDA, gloo on CPU); ``(device, WORLD)``."""
     import torch
     import torch.distributed as dist
-
-    from megatron_ep_plugins.autograd import build_slot
 
     if args.device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -483,9 +482,18 @@ def run_rank(rank, world, args):
         device = "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(seconds=300))
-    group = dist.group.WORLD
     if args.experts % world:
         raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
+    return device, dist.group.WORLD
+
+
+def run_rank(rank, world, args):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.autograd import build_slot
+
+    device, group = init_rank(rank, world, args)
     if args.fp8:
         os.environ.setdefault("MCORE_EP_ELASTIC_FP8", "1")
     if len(args.token_list) > 1:
