@@ -36,6 +36,45 @@ def test_torch_backend_round_trip_over_nccl():
     check_round_trip(run_ranks(_rank_round_trip, world(), "cuda", backend="nccl", env=GPU_ENV))
 
 
+def _rank_routing_graph_replays(rank, world):
+    """Backend ``torch`` with its routing replayed as a CUDA graph against the same backend launching it op by
+    op: same shape, a new routing each time, and every handle used only after all dispatches (a handle must
+    not share memory with the graph, which the next dispatch of that shape overwrites)."""
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
+    from test_torch_backend import _expert
+
+    graphed, eager, g = TorchA2ABackend(), TorchA2ABackend(), dist.group.WORLD
+    graphed.cuda_graphs, eager.cuda_graphs = True, False
+    tokens, hidden, topk, num_experts = 96, 256, 4, 4 * world
+    kept = []
+    for i in range(5):
+        gen = torch.Generator().manual_seed(100 * i + rank)
+        x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
+        idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices
+        idx[torch.rand(tokens, topk, generator=gen) < 0.2] = -1
+        idx, w = idx.cuda(), torch.rand(tokens, topk, generator=gen).cuda()
+        kept.append((x, graphed.dispatch(x, idx, w, num_experts, g), eager.dispatch(x, idx, w, num_experts, g)))
+    same = []
+    for x, rg, re in kept:
+        same.append(all(torch.equal(a, b) for a, b in zip(rg[:4], re[:4])))
+        y = _expert(re.recv_x)
+        grads = torch.rand_like(re.recv_topk_weights)
+        for a, b in zip(graphed.combine(y, rg.handle, g, topk_weights=grads),
+                        eager.combine(y, re.handle, g, topk_weights=grads)):
+            same.append(torch.equal(a, b))
+        same.append(torch.equal(graphed.dispatch_cached(x, rg.handle, g), eager.dispatch_cached(x, re.handle, g)))
+    captured = sum(v is not None for v in graphed._graphs.values())
+    return captured, len(eager._graphs), same
+
+
+def test_torch_backend_routing_graph_matches_eager():
+    for captured, eager_graphs, same in run_ranks(_rank_routing_graph_replays, world(), backend="nccl", env=GPU_ENV):
+        assert captured == 1 and eager_graphs == 0
+        assert all(same), same
+
+
 def _rank_installed_slot(rank, world):
     import torch.distributed as dist
 

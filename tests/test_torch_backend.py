@@ -356,7 +356,8 @@ def _rank_gpu_sync_count(rank, world):
     x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
     idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices.cuda()
     w = torch.rand(tokens, topk, generator=gen).cuda()
-    backend.dispatch(x, idx, w, num_experts, group)  # warm-up: constants, allocator, NCCL
+    for _ in range(2):  # warm-up: constants, allocator, NCCL, and the routing's CUDA graph (captured at the 2nd)
+        backend.dispatch(x, idx, w, num_experts, group)
     torch.cuda.synchronize()
     counts = {}
     torch.cuda.set_sync_debug_mode("error")  # any implicit sync (.item(), nonzero, blocking copy) raises

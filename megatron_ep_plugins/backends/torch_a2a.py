@@ -12,40 +12,49 @@ and the others hanging. Combine and a dispatch with a cached handle never sync t
 
 How (shapes: T tokens, K top-k, R ranks, L = E/R experts per rank, S rows sent, N rows received):
 
-* Everything that does not need the sizes is computed on the device *before* the host waits, with
-  the upper bound ``S <= min(R, K) * T``: destination of every (token, k) entry, the (destination,
-  token) pairs in send order (``torch.nonzero_static``), the send position of every pair (a
-  cumsum), the packed per-row metadata (local expert ids and weights, one int32 block), and on CUDA
-  the row gather itself. The host waits on an event recorded right after the header's
-  device-to-host copy, so the GPU keeps gathering while the host reads the sizes and launches the
-  collectives. ``torch.bincount`` and ``nonzero`` (both sync on CUDA) are replaced by a
-  ``scatter_add_`` histogram and ``nonzero_static``.
-* Combine receives the rows back into a buffer with one spare row and sums them per token over
-  precomputed positions (``[T, min(R, K)]``, empty slots pointing at the spare row) in one pass: one
-  ``embedding_bag(mode="sum")`` kernel on CUDA; on CPU ``embedding_bag``'s fbgemm fast path for
-  fp32/fp16, and for bf16 one bf16 add of two gathered rows when no token has more than two (else
-  ``embedding_bag``'s padding path, which rounds ties to even where fbgemm's bf16 output does not).
-  Always fp32 accumulation in ascending destination order and one rounding to the input dtype:
-  exactly "fp32 sum over destination ranks, then cast", bit-identical to doing that with
-  ``index_add_``, with no fp32 copy of the received block. (The fp32 copy the old combine made,
-  ``.float()`` of the whole block, was most of a bf16 combine's time on CPU: a fresh allocation twice
-  the block's size, page-faulted in on every call once it passes glibc's mmap threshold; an fp32
-  combine never paid it.)
+* Everything that does not need the sizes (:func:`_route`) is computed on the device *before* the host
+  waits, with the upper bound ``S <= min(R, K) * T``: the header, the destination of every (token, k)
+  entry, the (destination, token) pairs in send order (``torch.nonzero_static``), the send position of
+  every pair (a cumsum), the packed per-row metadata (local expert ids and weights, one int32 block) and
+  combine's gather positions; on CUDA the row gather follows. ``torch.bincount`` and ``nonzero`` (both
+  sync on CUDA) are replaced by a ``scatter_add_`` histogram and ``nonzero_static``. The host waits on an
+  event recorded right after the header's device-to-host copy, so the GPU keeps gathering while the host
+  reads the sizes and launches the collectives.
+* On CUDA those ~30 kernels are, from the second dispatch of a token count on, one CUDA graph replay
+  (:class:`_RouteGraph`; ``MCORE_EP_TORCH_CUDA_GRAPHS=0`` turns it off). Measured on 2 x H200 (torch
+  2.11, T=256): launching them one by one from Python cost about 1.1 ms of host time per dispatch, and the
+  host sync makes the GPU wait for all of it.
+* Combine receives the rows back into a buffer whose row 0 is a spare (zero) row, and sums them per
+  token over precomputed positions (``[T, min(R, K)]``, empty slots pointing at row 0) in one pass. With
+  at most two rows per token (two ranks, or top-1/top-2): one gather of both rows side by side and one
+  reduction (a sum of two values accumulates in fp32 and rounds once, in either order); else
+  ``embedding_bag(mode="sum", padding_idx=0)``, on CPU fbgemm's fast path for fp32/fp16 (the padding path
+  for bf16, which rounds ties to even where fbgemm's bf16 output does not). Always fp32 accumulation in
+  ascending destination order and one rounding to the input dtype: exactly "fp32 sum over destination
+  ranks, then cast", bit-identical to doing that with ``index_add_``, with no fp32 copy of the received
+  block. (The fp32 copy the old combine made, ``.float()`` of the whole block, was most of a bf16
+  combine's time on CPU: a fresh allocation twice the block's size, page-faulted in on every call once it
+  passes glibc's mmap threshold; an fp32 combine never paid it.)
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional
 
+from ..config import declare, read_bool
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
-from ..spec import Availability, BackendSpec, Capabilities, DispatchResult
+from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["TorchA2ABackend", "TorchA2AHandle", "ep_register_backends"]
+__all__ = ["SETTINGS", "TorchA2ABackend", "TorchA2AHandle", "ep_register_backends"]
+
+log = logging.getLogger("megatron_ep_plugins")
 
 # Header columns sent to every destination rank (int64), then the per-expert counts.
 _COUNT, _BAD, _HIDDEN, _TOPK, _DTYPE, _NUM_FIXED = 0, 1, 2, 3, 4, 5
@@ -62,9 +71,8 @@ class TorchA2AHandle:
     """Routing of one dispatch, reused by combine, combine's backward and a cached dispatch."""
 
     token_ids: "torch.Tensor"  # [S] source token of each sent row, grouped by destination, ascending
-    bags: "torch.Tensor"  # [T, min(R, K)] send position of each token's rows (= num_sent where none)
-    positions: "torch.Tensor"  # [T, R + 1] send position of (token, destination d) at column d + 1; column 0 and
-    # destinations a token was not sent to hold num_sent
+    bags: "torch.Tensor"  # [T, min(R, K)] 1 + send position of each of a token's rows, 0 (the spare row) where none
+    weight_rows: "torch.Tensor"  # [T, K] 1 + send position of the row owning each top-k entry, 0 where none
     slots: "torch.Tensor"  # [T, K] destination + 1 of each top-k entry, 0 = routed nowhere
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
@@ -85,7 +93,11 @@ class TorchA2ABackend:
         #: ``None`` = on CUDA only, where it overlaps the host's wait and launches; on CPU nothing
         #: runs asynchronously, so it would only copy rows that are not sent. Tests force both ways.
         self.gather_before_sync: Optional[bool] = None
+        #: Replay the routing as a CUDA graph per shape (``MCORE_EP_TORCH_CUDA_GRAPHS``, read once here).
+        self.cuda_graphs: bool = read_bool("MCORE_EP_TORCH_CUDA_GRAPHS")
         self._consts: dict = {}  # (device, R, E, hidden, topk, dtype) -> _Consts
+        self._graphs: dict = {}  # (consts key, T, idx dtype) -> _RouteGraph, or None where capture failed
+        self._seen: set = set()  # shapes dispatched once, eagerly (captured at their second dispatch)
 
     # -- EPBackend -----------------------------------------------------------------------------
     def set_num_sms(self, num_sms: int) -> None:
@@ -98,53 +110,30 @@ class TorchA2ABackend:
                  allocate_on_comm_stream=False) -> DispatchResult:
         import torch
         import torch.distributed as dist
-        import torch.nn.functional as F
 
         world = dist.get_world_size(group)
         _check_dispatch_args(x, topk_idx, topk_weights, num_experts, world)
         num_tokens, hidden = x.shape
         topk = topk_idx.shape[1]
-        local = num_experts // world
         device = x.device
         on_cuda = device.type == "cuda"
         max_sent = min(world, topk) * num_tokens  # a token goes to at most min(R, K) ranks
-        idx = topk_idx.long()
 
-        # -- routing and header (device only, no sync) ---------------------------------------------
-        # code: 0 = masked (-1), e + 1 = expert e, num_experts + 1 = out of range (< -1 or >= E)
+        # -- routing, header and index building (device only, no sync; one CUDA graph replay once warm) ------
         c = self._constants(device, world, num_experts, hidden, topk, x.dtype)
-        code = torch.remainder((idx + 1).clamp_(-1, num_experts + 1), num_experts + 2)
-        hist = torch.zeros(num_experts + 2, dtype=torch.int64, device=device)
-        hist.scatter_add_(0, code.reshape(-1), c.ones.expand(code.numel()))
-        slots = c.slot_of_code.take(code)  # [T, K] destination rank + 1, 0 = routed nowhere (masked or bad)
-        in_rank = (slots.unsqueeze(2) == c.ranks).any(1)  # [T, R]
-        header = torch.cat([in_rank.sum(0).view(world, 1), hist[num_experts + 1:].expand(world, 1), c.header,
-                            hist[1:num_experts + 1].view(world, local)], dim=1)
-        recv_header = torch.empty_like(header)
-        dist.all_to_all_single(recv_header, header, group=group)
+        r = self._routing(c, topk_idx, topk_weights, num_tokens, max_sent)
+        recv_header = torch.empty_like(r.header)
+        dist.all_to_all_single(recv_header, r.header, group=group)
         if on_cuda:
-            host = torch.empty((2,) + tuple(header.shape), dtype=torch.int64, pin_memory=True)
-            host[0].copy_(header, non_blocking=True)
+            host = torch.empty((2,) + tuple(r.header.shape), dtype=torch.int64, pin_memory=True)
+            host[0].copy_(r.header, non_blocking=True)
             host[1].copy_(recv_header, non_blocking=True)
             header_ready = torch.cuda.Event()
             header_ready.record()
         else:
-            host = torch.stack([header, recv_header])
-
-        # -- index building with the upper bound, queued before the host waits ------------------
-        dest_major = in_rank.t()  # [R, T]: send order is destination-major, tokens ascending
-        pairs = torch.nonzero_static(dest_major, size=max_sent, fill_value=0)  # (destination, token), padded
-        row_dest, token_ids = pairs[:, 0], pairs[:, 1]
-        sent_before = dest_major.reshape(-1).cumsum(0).view(world, num_tokens).t()  # [T, R], inclusive
-        positions = F.pad(torch.where(in_rank, sent_before - 1, max_sent), (1, 0), value=max_sent)
-        meta = _pack_meta(idx, topk_weights, slots, token_ids, row_dest, local, c.meta_fill)  # [max_sent, 2K] int32
+            host = torch.stack([r.header, recv_header])
         early = on_cuda if self.gather_before_sync is None else self.gather_before_sync
-        rows = x.index_select(0, token_ids) if early else None
-        if world > topk:  # at most K destinations per token: one bag entry per distinct destination
-            distinct = slots.sort(dim=1).values
-            distinct[:, 1:].masked_fill_(distinct[:, 1:] == distinct[:, :-1], 0)
-        else:
-            distinct = None
+        rows = x.index_select(0, r.token_ids) if early else None  # upper-bound size, overlaps the host's wait
 
         # -- the one host sync -------------------------------------------------------------------
         if on_cuda:
@@ -157,19 +146,37 @@ class TorchA2ABackend:
 
         # -- payload: rows, then metadata (sizes known, no sync) ----------------------------------
         recv_x = x.new_empty(num_recv, hidden)
-        send_rows = rows[:num_sent] if early else x.index_select(0, token_ids[:num_sent])
+        send_rows = rows[:num_sent] if early else x.index_select(0, r.token_ids[:num_sent])
         dist.all_to_all_single(recv_x, send_rows, recv_splits, send_splits, group=group)
-        recv_meta = meta.new_empty(num_recv, 2 * topk)
-        dist.all_to_all_single(recv_meta, meta[:num_sent], recv_splits, send_splits, group=group)
+        recv_meta = r.meta.new_empty(num_recv, 2 * topk)
+        dist.all_to_all_single(recv_meta, r.meta[:num_sent], recv_splits, send_splits, group=group)
         recv_idx = recv_meta[:, :topk].long()
         recv_w = recv_meta[:, topk:].view(torch.float32).contiguous()
         tokens_per_expert = host[1, :, _NUM_FIXED:].sum(0)
-
-        positions.clamp_(max=num_sent)  # the spare row of combine's receive buffer
-        bags = positions[:, 1:].contiguous() if distinct is None else positions.gather(1, distinct)
-        handle = TorchA2AHandle(token_ids[:num_sent], bags, positions, slots, send_splits, recv_splits,
+        handle = TorchA2AHandle(r.token_ids[:num_sent], r.bags, r.weight_rows, r.slots, send_splits, recv_splits,
                                 num_tokens, num_experts, num_sent, num_recv)
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
+
+    def _routing(self, c: "_Consts", idx, weights, num_tokens: int, max_sent: int) -> "_Routing":
+        """:func:`_route` on this dispatch's inputs; on CUDA, from the second dispatch of a shape on, as one
+        replay of a CUDA graph captured for that shape (its outputs copied out of the graph's buffers with
+        one clone, since handles outlive the next dispatch)."""
+        if not c.graphs or num_tokens == 0:
+            return _route(c, idx, weights, num_tokens, max_sent)
+        key = (c.key, num_tokens, idx.dtype)
+        graph = self._graphs.get(key, _MISSING)
+        if graph is _MISSING:
+            if key not in self._seen:  # first sight of this shape: eager (a shape seen once is not worth a graph)
+                if len(self._seen) >= 4 * _MAX_GRAPHS:
+                    self._seen.clear()
+                self._seen.add(key)
+                return _route(c, idx, weights, num_tokens, max_sent)
+            if len(self._graphs) >= _MAX_GRAPHS:  # shapes keep changing: the ones captured stay, the rest run eager
+                return _route(c, idx, weights, num_tokens, max_sent)
+            graph = self._graphs[key] = _RouteGraph.capture(c, idx, weights, num_tokens, max_sent)
+        if graph is None:  # capture failed once (logged): eager for this shape
+            return _route(c, idx, weights, num_tokens, max_sent)
+        return graph(idx, weights)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
         import torch.distributed as dist
@@ -203,32 +210,35 @@ class TorchA2ABackend:
             raise InvalidInputError(
                 f"combine's topk_weights must have shape [{num_recv}, {topk}], got {tuple(topk_weights.shape)}"
             )
-        # Rows come back in send order into [S + 1, H]; row S is the spare row empty bag slots point at.
+        # Rows come back in send order into [1 + S, H]: row 0 is the spare row that empty bag slots point at.
         back = x.new_empty(num_sent + 1, x.shape[1])
-        dist.all_to_all_single(back[:num_sent], x.contiguous(), h.send_splits, h.recv_splits, group=group)
+        dist.all_to_all_single(back[1:], x.contiguous(), h.send_splits, h.recv_splits, group=group)
         # Per token: fp32 sum of its rows in ascending destination order, one cast to x.dtype (round to nearest
         # even); the same arithmetic as index_add_ into fp32 zeros, bit for bit.
         bags = h.bags
-        if x.is_cuda:  # one kernel, the spare row skipped as padding
-            combined = F.embedding_bag(bags, back, mode="sum", padding_idx=num_sent)
-        elif x.dtype != torch.bfloat16:  # fbgemm's fast path (no padding index allowed) over a zeroed spare row
-            back[num_sent].zero_()
+        width = bags.shape[1]
+        if width <= 2 and (x.is_cuda or x.dtype == torch.bfloat16):
+            # a token's (at most) two rows gathered side by side and summed: the sum of two values accumulates in
+            # fp32 and rounds once, in either order. One gather + one reduction on CUDA, where embedding_bag's
+            # kernel is several times slower (422 us against about 60 at T=4096 H=7168 bf16 on H200).
+            back[0].zero_()
+            combined = back.index_select(0, bags.view(-1))
+            combined = combined.view(bags.shape[0], width, x.shape[1]).sum(1) if width == 2 else combined
+        elif x.is_cuda or x.dtype == torch.bfloat16:
+            # more than two rows: embedding_bag accumulates in fp32 in bag order; the spare row is skipped as
+            # padding (on CPU fbgemm's bf16 fast path rounds ties away from zero, the padding path to even)
+            combined = F.embedding_bag(bags, back, mode="sum", padding_idx=0)
+        else:  # CPU fp32/fp16: fbgemm's fast path (no padding index allowed) over a zeroed spare row
+            back[0].zero_()
             combined = F.embedding_bag(bags, back, mode="sum")
-        elif bags.shape[1] <= 2:  # at most 2 rows per token: a bf16 add is their fp32 sum, rounded once
-            back[num_sent].zero_()
-            combined = back.index_select(0, bags[:, 0])
-            if bags.shape[1] == 2:
-                combined.add_(back.index_select(0, bags[:, 1]))
-        else:  # the padding path: fbgemm's fast path rounds bf16 ties away from zero, this one to nearest even
-            combined = F.embedding_bag(bags, back, mode="sum", padding_idx=num_sent)
         combined_w = None
         if topk_weights is not None:
             back_w = torch.empty(num_sent + 1, topk, dtype=torch.float32, device=x.device)
-            dist.all_to_all_single(back_w[:num_sent], topk_weights.float().contiguous(), h.send_splits,
+            dist.all_to_all_single(back_w[1:], topk_weights.float().contiguous(), h.send_splits,
                                    h.recv_splits, group=group)
-            back_w[num_sent] = 0.0
+            back_w[0] = 0.0
             # every routed entry has exactly one owner: take its value from the row its owner returned
-            combined_w = back_w.gather(0, h.positions.gather(1, h.slots))
+            combined_w = back_w.gather(0, h.weight_rows)
         return combined, combined_w
 
     def _constants(self, device, world: int, num_experts: int, hidden: int, topk: int, dtype) -> "_Consts":
@@ -248,19 +258,129 @@ class TorchA2ABackend:
                 header[:, col].fill_(value)
             meta_fill = torch.zeros(2 * topk, dtype=torch.int32, device=device)
             meta_fill[:topk] = -1  # masked local id; weight bits 0 = 0.0
-            consts = _Consts(torch.ones(1, dtype=torch.int64, device=device),
-                             torch.arange(1, world + 1, device=device), slot_of_code, header, meta_fill)
+            consts = _Consts(key, world, num_experts, topk, local, torch.ones(1, dtype=torch.int64, device=device),
+                             torch.arange(1, world + 1, device=device), slot_of_code, header, meta_fill,
+                             graphs=self.cuda_graphs and device.type == "cuda")
             self._consts[key] = consts
         return consts
 
 
-@dataclass(frozen=True)
+_MISSING = object()
+_MAX_GRAPHS = 16  # CUDA graphs kept per backend (one per token count); later shapes run eagerly
+
+
+@dataclass
 class _Consts:
+    key: tuple
+    world: int
+    num_experts: int
+    topk: int
+    local: int
     ones: "torch.Tensor"  # [1] int64
     ranks: "torch.Tensor"  # [R] 1..R
     slot_of_code: "torch.Tensor"  # [E + 2] destination + 1 of each routing code, 0 = nowhere
     header: "torch.Tensor"  # [R, 3] hidden, top-k, dtype code
     meta_fill: "torch.Tensor"  # [2K] int32: -1 (local id) then 0 (weight bits) for entries a row does not own
+    graphs: bool = False  # route through CUDA graphs (CUDA and MCORE_EP_TORCH_CUDA_GRAPHS=1)
+
+
+class _Routing(NamedTuple):
+    """What a dispatch computes before it knows the split sizes (all sizes upper bounds: S <= min(R, K) * T)."""
+
+    header: "torch.Tensor"  # [R, 5 + L] int64: row d is what this rank tells rank d (see the _COUNT.. columns)
+    token_ids: "torch.Tensor"  # [max_sent] source token of each sent row, destination-major, tokens ascending
+    meta: "torch.Tensor"  # [max_sent, 2K] int32 per sent row: local expert ids, then the weights' bits
+    bags: "torch.Tensor"  # [T, min(R, K)] 1 + send position of each of a token's rows, 0 (spare row) where none
+    weight_rows: "torch.Tensor"  # [T, K] 1 + send position of the row owning each top-k entry, 0 where none
+    slots: "torch.Tensor"  # [T, K] destination + 1 of each top-k entry, 0 = routed nowhere
+
+
+def _route(c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> _Routing:
+    """Everything a dispatch computes on the device before its host sync: a fixed sequence of kernels with
+    shapes fixed by (T, K, R, E), no host sync, so it can be captured as a CUDA graph (:class:`_RouteGraph`).
+
+    Send order is destination-major, tokens ascending; send position p of a row is stored as p + 1, so that 0
+    can mean "no row" and point at the spare row 0 of combine's receive buffer."""
+    import torch
+    import torch.nn.functional as F
+
+    world, num_experts, topk = c.world, c.num_experts, c.topk
+    idx = topk_idx.long()
+    # code: 0 = masked (-1), e + 1 = expert e, num_experts + 1 = out of range (< -1 or >= E)
+    code = torch.remainder((idx + 1).clamp_(-1, num_experts + 1), num_experts + 2)
+    hist = torch.zeros(num_experts + 2, dtype=torch.int64, device=idx.device)
+    hist.scatter_add_(0, code.reshape(-1), c.ones.expand(code.numel()))
+    slots = c.slot_of_code.take(code)  # [T, K] destination rank + 1, 0 = routed nowhere (masked or bad)
+    in_rank = (slots.unsqueeze(2) == c.ranks).any(1)  # [T, R]
+    header = torch.cat([in_rank.sum(0).view(world, 1), hist[num_experts + 1:].expand(world, 1), c.header,
+                        hist[1:num_experts + 1].view(world, c.local)], dim=1)
+    dest_major = in_rank.t()  # [R, T]
+    pairs = torch.nonzero_static(dest_major, size=max_sent, fill_value=0)  # (destination, token), padded
+    row_dest, token_ids = pairs[:, 0], pairs[:, 1]
+    sent_before = dest_major.reshape(-1).cumsum(0).view(world, num_tokens).t()  # [T, R], inclusive: position + 1
+    positions = F.pad(torch.where(in_rank, sent_before, 0), (1, 0))  # [T, 1 + R]: column d + 1 for destination d
+    meta = _pack_meta(idx, weights, slots, token_ids, row_dest, c.local, c.meta_fill)
+    if world > topk:  # at most K destinations per token: one bag entry per distinct destination
+        distinct = slots.sort(dim=1).values
+        distinct[:, 1:].masked_fill_(distinct[:, 1:] == distinct[:, :-1], 0)
+        bags = positions.gather(1, distinct)
+    else:
+        bags = positions[:, 1:].contiguous()
+    return _Routing(header, token_ids, meta, bags, positions.gather(1, slots), slots)
+
+
+class _RouteGraph:
+    """:func:`_route` for one shape as a CUDA graph: 2 input copies, 1 replay and 1 clone instead of about 30
+    kernel launches from Python (about 1 ms of host time per dispatch on H200 with torch 2.11, which the host
+    sync then exposes). The clone copies the outputs out of the graph's memory, since a handle must outlive
+    the next dispatch of the same shape."""
+
+    def __init__(self, graph, idx, weights, flat, layout):
+        self.graph, self.idx, self.weights, self.flat, self.layout = graph, idx, weights, flat, layout
+
+    @classmethod
+    def capture(cls, c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> Optional["_RouteGraph"]:
+        import torch
+
+        try:
+            static_idx = torch.zeros_like(topk_idx)  # expert 0 everywhere: valid routing for the warm-up
+            static_w = torch.zeros_like(weights)
+
+            def run():
+                r = _route(c, static_idx, static_w, num_tokens, max_sent)  # int64 fields, and meta in int32 pairs
+                flat = torch.cat([(t.view(torch.int64) if t.dtype == torch.int32 else t).reshape(-1) for t in r])
+                return flat, [(t.shape, t.dtype) for t in r]
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, library handles, workspaces
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the process group's watchdog thread queries CUDA events while this thread captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                flat, layout = run()
+            return cls(graph, static_idx, static_w, flat, layout)
+        except Exception as exc:  # noqa: BLE001 - a missed optimisation, never an error: eager for this shape
+            log.warning("backend 'torch': CUDA graph capture of the routing for T=%d failed (%s: %s); this shape "
+                        "runs eagerly (MCORE_EP_TORCH_CUDA_GRAPHS=0 turns capture off)", num_tokens,
+                        type(exc).__name__, exc)
+            return None
+
+    def __call__(self, topk_idx, weights) -> _Routing:
+        import torch
+
+        self.idx.copy_(topk_idx)
+        self.weights.copy_(weights)
+        self.graph.replay()
+        flat = self.flat.clone()
+        parts, offset = [], 0
+        for shape, dtype in self.layout:
+            n = math.prod(shape) // (2 if dtype == torch.int32 else 1)
+            part = flat[offset:offset + n]
+            parts.append(part.view(torch.int32).view(shape) if dtype == torch.int32 else part.view(shape))
+            offset += n
+        return _Routing(*parts)
 
 
 def _pack_meta(idx, weights, slots, token_ids, row_dest, local: int, fill) -> "torch.Tensor":
@@ -365,6 +485,13 @@ def _probe() -> Availability:
                             torch=torch.__version__)
 
 
+SETTINGS = declare(
+    EnvVar("MCORE_EP_TORCH_CUDA_GRAPHS", "1", "`1`: on CUDA, backend `torch` replays its routing (about 30 small "
+           "kernels before the dispatch's host sync) as one CUDA graph per token count, captured at the second "
+           "dispatch of that count (at most 16 kept); `0`: launch them one by one.", Boolean()),
+)
+
+
 @hookimpl
 def ep_register_backends():
     return [
@@ -374,6 +501,7 @@ def ep_register_backends():
             priority=0,
             factory=TorchA2ABackend,
             probe=_probe,
+            settings=SETTINGS,
             capabilities=Capabilities(devices=("cpu", "cuda"), uneven_tokens=True, async_overlap=False,
                                       deterministic_order=True, internode=True),
             description="reference: torch.distributed all_to_all_single (gloo/NCCL), runs anywhere",
