@@ -29,11 +29,24 @@ from typing import Any, Callable, Optional, Union
 
 from ..errors import InvalidInputError
 
-__all__ = ["DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "DEEPEP_V25", "DEEP_EP_V25_MODULE", "ProbeFacts", "counts_tensor",
+__all__ = ["STREAM_OVERLAP_NOTE", "DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "DEEPEP_V25", "DEEP_EP_V25_MODULE", "ProbeFacts", "counts_tensor",
            "agree_on_inputs", "check_combine_args", "check_dispatch_args", "check_gpu", "check_handle",
            "check_torch_deterministic", "combine_key", "cuda_problem", "decode_nccl_version", "deep_ep_api",
            "deep_ep_classes", "deep_ep_version", "device_sm_count", "dispatch_key", "import_event_classes",
            "loaded_nccl_version", "module_installed", "owned_weights", "probe_deep_ep", "rule_error", "v25_module_note"]
+
+#: Why the DeepEP adapters run DeepEP's synchronous stream mode whatever ``async_finish`` /
+#: ``allocate_on_comm_stream`` say (``stream_overlap = False``, the default of both adapters).
+STREAM_OVERLAP_NOTE = (
+    "The slot must return tensors that are ready on the current stream, so an adapter that passed Megatron's "
+    "async_finish=True would wait on DeepEP's event right away, as Megatron's fused_a2a.py does: the overlap "
+    "is never used. DeepEP's synchronous mode (async_finish=False, no previous event, outputs allocated on the "
+    "compute stream) gives the same ordering: the comm stream waits for the compute stream, the compute "
+    "stream waits for the comm stream. It saves the host work of the asynchronous mode (an EventHandle per "
+    "call, the comm stream's allocations and record_stream on every output, so every later free of those "
+    "tensors records and polls events), which at small token counts is what the caller waits for. Set "
+    "backend.stream_overlap = True to pass the flags through."
+)
 
 #: The DeepEP commits whose sources the adapters' size rules (and the CPU test double) mirror.
 DEEPEP_MAIN = "dd758caf451848bd150e1046af3d0a73e5fff38d"  # deepseek-ai/DeepEP main, deep_ep 2.1.0

@@ -394,6 +394,9 @@ class DeepEPElasticBackend:
     """DeepEP V2 ``ElasticBuffer`` / V2.5 ``EPBuffer`` behind the :class:`~megatron_ep_plugins.spec.EPBackend`
     protocol. ``api`` (:class:`ElasticApi`) says which one, resolved here once."""
 
+    #: Pass Megatron's async_finish / allocate_on_comm_stream to DeepEP (see _deepep_common.STREAM_OVERLAP_NOTE).
+    stream_overlap: bool = False
+
     name = "elastic"
 
     def __init__(self) -> None:
@@ -560,6 +563,8 @@ class DeepEPElasticBackend:
     # -- operations ----------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
+        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
+            async_finish = allocate_on_comm_stream = False
         key = dispatch_key(x, topk_idx, topk_weights, num_experts, group)
         st = self._lookup(key)
         if st is None or self._check_each:
@@ -585,6 +590,8 @@ class DeepEPElasticBackend:
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
+        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
+            async_finish = allocate_on_comm_stream = False
         h = handle if handle.__class__ is ElasticHandle else check_handle(handle, ElasticHandle, self.name)
         key = (_CACHED, combine_key(x), h.buffer_hidden)
         if key not in self._ok:
@@ -607,6 +614,8 @@ class DeepEPElasticBackend:
         return recv_x
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
+        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
+            async_finish = allocate_on_comm_stream = False
         h = handle if handle.__class__ is ElasticHandle else check_handle(handle, ElasticHandle, self.name)
         key = (_COMBINE, combine_key(x), h.buffer_hidden)
         if key not in self._ok:

@@ -207,6 +207,9 @@ def _validate_num_sms(num_sms: Any, what: str, exc: type) -> int:
 class DeepEPLegacyBackend:
     """DeepEP V1 ``Buffer`` behind the :class:`~megatron_ep_plugins.spec.EPBackend` protocol."""
 
+    #: Pass Megatron's async_finish / allocate_on_comm_stream to DeepEP (see _deepep_common.STREAM_OVERLAP_NOTE).
+    stream_overlap: bool = False
+
     name = "legacy"
 
     def __init__(self) -> None:
@@ -319,6 +322,8 @@ class DeepEPLegacyBackend:
     # -- operations ----------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
+        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
+            async_finish = allocate_on_comm_stream = False
         key = dispatch_key(x, topk_idx, topk_weights, num_experts, group)
         buffer = self._lookup(key)
         if buffer is None:
@@ -341,6 +346,8 @@ class DeepEPLegacyBackend:
         return DispatchResult(recv_x, recv_idx, recv_w, counts_tensor(counts), handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
+        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
+            async_finish = allocate_on_comm_stream = False
         h = handle if handle.__class__ is LegacyHandle else check_handle(handle, LegacyHandle, self.name)
         key = (group, _CACHED, combine_key(x))
         buffer = self._lookup(key)
@@ -361,6 +368,8 @@ class DeepEPLegacyBackend:
         return recv_x
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
+        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
+            async_finish = allocate_on_comm_stream = False
         h = handle if handle.__class__ is LegacyHandle else check_handle(handle, LegacyHandle, self.name)
         key = (group, _COMBINE, combine_key(x))
         buffer = self._lookup(key)
