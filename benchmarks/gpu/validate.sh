@@ -14,6 +14,9 @@
 #     train      examples/train_moe.py with torch, legacy, elastic, and elastic activated by env alone
 #     hybridep   DeepEP hybrid-ep tree: GPU test, ep_bench, train_moe for hybridep
 #     ncclep     nccl.ep (nccl-extensions): GPU test, ep_bench, train_moe for ncclep
+#     lease1     one ~9 minute command: GPU tests (DeepEP main tree + nccl.ep, torch backend's graph and sync tests),
+#                ep_bench bf16 T=4096 with torch, legacy, elastic and ncclep in one run, the token sweep, fp8
+#     lease2     the next one: hybridep (GPU test, ep_bench, train_moe), ncclep train_moe, T=8192
 #   Environment: DEEPEP_DIR (/tmp/deepep), HYBRIDEP_DIR (/tmp/hybridep), NCCLEP_SITE (/tmp/ncclep_site),
 #   RES, OUT, STEPS (train steps, 20), PY (python3).
 set -u
@@ -122,6 +125,24 @@ for stage in "$@"; do
       step gpu_tests_ncclep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "ncclep" --junitxml "$RES/gpu_tests_ncclep.xml"
       step bench_ncclep_T4096 150 bench --backends torch,legacy,elastic,ncclep --iters 30 --name ncclep_bf16_T4096
       step train_ncclep 120 train ncclep --backend ncclep
+      ;;
+    lease1)
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"; machine_info
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_deepep.txt" 2>&1
+      step gpu_tests_deepep 170 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "not hybridep" --junitxml "$RES/gpu_tests_deepep.xml"
+      step bench_bf16_T4096 140 bench --backends torch,legacy,elastic,ncclep --iters 30 --name bf16_T4096
+      step bench_sweep 150 bench --backends torch,legacy,elastic --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name sweep
+      step bench_fp8_T4096 60 bench --backends legacy,elastic --fp8 --iters 30 --name fp8_T4096
+      ;;
+    lease2)
+      tree "$HYBRIDEP_DIR"
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_hybridep.txt" 2>&1
+      step gpu_tests_hybridep 110 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
+      step bench_hybridep_T4096 90 bench --backends torch,hybridep --iters 30 --name hybridep_bf16_T4096
+      step train_hybridep 100 train hybridep --backend hybridep
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"
+      step train_ncclep 100 train ncclep --backend ncclep
+      step bench_bf16_T8192 60 bench --backends torch,legacy,elastic --tokens 8192 --iters 30 --name bf16_T8192
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
