@@ -446,7 +446,8 @@ class DispatchResult(NamedTuple):
     """What :meth:`EPBackend.dispatch` returns (Megatron's ``fused_dispatch`` 5-tuple).
 
     * ``recv_x``: ``[N, H]`` received rows (or the FP8 pair), one per (source token, this rank).
-    * ``recv_topk_idx``: ``[N, K]`` int64 local expert ids, ``-1`` where the expert is elsewhere.
+    * ``recv_topk_idx``: ``[N, K]`` int64 local expert ids, ``-1`` where the expert is elsewhere (a row's owned
+      pairs may sit in any of its K positions; docs/backend-contract.md).
     * ``recv_topk_weights``: ``[N, K]`` float32, defined where ``recv_topk_idx >= 0``.
     * ``tokens_per_expert``: CPU int64 tensor ``[num_local_experts]``.
     * ``handle``: opaque; passed back to ``combine``/``dispatch_cached``.

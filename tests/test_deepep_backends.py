@@ -951,6 +951,10 @@ def deepep_facts(rank, world, cls_name, device="cpu"):
         # Sized as the adapter sizes it (get_buffer_size_hint): on 2 x H200 (EP_DISABLE_GIN=1) the constructor's own
         # sizing path (num_bytes=None -> _C.calculate_elastic_buffer_size, elastic.py:306) segfaulted. V2.5's
         # EPBuffer (sgl-deep-ep-v25 0.1.0rc0 buffers/ep.py:242-399) takes the same arguments.
+        # get_buffer_size_hint reads the group's NCCL communicator (get_nccl_comm_handle), which torch creates at the
+        # group's first collective: without one it segfaulted on 2 x H200. The adapter always agrees first.
+        if device != "cpu":
+            dist.all_reduce(torch.zeros(1, device=device), group=group)
         num_bytes = cls.get_buffer_size_hint(group, 256, 256, num_topk=2, allow_hybrid_mode=False)
         buf = attempt("construct", lambda: cls(group, num_bytes=num_bytes, num_max_tokens_per_rank=256, hidden=256,
                                                 num_topk=2, allow_hybrid_mode=False))

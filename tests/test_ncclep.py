@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # distributed.py, when run as a script
 from distributed import run_ranks  # noqa: E402
+from megatron_ep_plugins.testing.reference import canonical_topk  # noqa: E402
 
 EMULATORS = Path(__file__).resolve().parent / "emulators"
 GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -126,17 +127,16 @@ def _compare_ncclep(rank, world, scenarios, device="cpu", algorithm="auto"):
         assert got.recv_topk_idx.dtype == torch.int64 and got.recv_topk_weights.dtype == torch.float32
         pg, pe = _order(got.recv_x, got.recv_topk_idx), _order(exp.recv_x, exp.recv_topk_idx)
         assert torch.equal(got.recv_x[pg], exp.recv_x[pe]), name  # bit-identical rows
-        gi, ei = got.recv_topk_idx[pg], exp.recv_topk_idx[pe]
-        assert torch.equal(gi, ei), name
-        owned = ei >= 0
-        assert torch.equal(got.recv_topk_weights[pg][owned], exp.recv_topk_weights[pe][owned]), name
+        # a row's (id, weight) pairs, in any position (real nccl.ep HT packs them in ascending id; see the emulator)
+        gi, gw = canonical_topk(got.recv_topk_idx[pg], got.recv_topk_weights[pg])
+        ei, ew = canonical_topk(exp.recv_topk_idx[pe], exp.recv_topk_weights[pe])
+        assert torch.equal(gi, ei) and torch.equal(gw, ew), name
 
         def expert(res):  # scales each row by (1 + number of local slots)
             return (res.recv_x.float() * (1 + (res.recv_topk_idx >= 0).sum(1, keepdim=True))).to(torch.bfloat16)
 
-        def probs_grad(res):  # garbage in slots owned elsewhere (must be ignored)
-            g = res.recv_x.float()[:, : res.recv_topk_idx.shape[1]] + torch.arange(res.recv_topk_idx.shape[1],
-                                                                                    device=res.recv_x.device)
+        def probs_grad(res):  # names (row, local expert), so it means the same in any position; garbage elsewhere
+            g = res.recv_x.float()[:, :1] + res.recv_topk_idx.float()
             return torch.where(res.recv_topk_idx >= 0, g, 123.0)
 
         out, none_w = backend.combine(expert(got), got.handle, group)

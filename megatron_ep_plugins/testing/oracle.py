@@ -31,7 +31,9 @@ def expert_factor(rank: int, local_idx: "torch.Tensor", weights: "torch.Tensor")
     import torch
 
     owned = torch.where(local_idx >= 0, weights.float(), torch.zeros((), device=weights.device))
-    return (rank + 1) * (1 + owned.sum(dim=1, keepdim=True))
+    # summed in ascending order: the same bits whatever the entries' positions in the row (the contract fixes a
+    # row's (id, weight) pairs, not where they sit: nccl.ep packs them, DeepEP keeps the source's slots)
+    return (rank + 1) * (1 + owned.sort(dim=1).values.sum(dim=1, keepdim=True))
 
 
 def expert(rank: int, rows: "torch.Tensor", local_idx: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
@@ -40,12 +42,14 @@ def expert(rank: int, rows: "torch.Tensor", local_idx: "torch.Tensor", weights: 
 
 
 def row_keys(rows: "torch.Tensor", local_idx: "torch.Tensor", weights: "torch.Tensor") -> list[tuple]:
-    """One hashable key per received row: its bytes, its local ids and the bits of its owned weights."""
+    """One hashable key per received row: its bytes, its (local id, owned weight bits) pairs in canonical order."""
     import torch
 
+    from .reference import canonical_topk
+
     rows = rows.detach().cpu().contiguous()
-    local_idx = local_idx.detach().cpu().long()
-    w_bits = torch.where(local_idx >= 0, weights.detach().cpu().float(), 0.0).view(torch.int32)
+    local_idx, weights = canonical_topk(local_idx.detach(), weights.detach())  # positions within a row are free
+    w_bits = weights.view(torch.int32)
     raw = rows.view(torch.uint8).reshape(rows.shape[0], -1).numpy() if rows.numel() else None
     ids, bits = local_idx.tolist(), w_bits.tolist()
     return [(raw[i].tobytes() if raw is not None else b"", tuple(ids[i]), tuple(bits[i])) for i in range(rows.shape[0])]
@@ -73,13 +77,12 @@ class Expected:
 
 
 def probe_weights(rank: int, local_idx: "torch.Tensor") -> "torch.Tensor":
-    """The ``topk_weights`` each destination passes to a direct ``combine``: a value naming (rank, slot) where it
-    owns the entry, and 1e6 (garbage that must be ignored) where it does not."""
+    """The ``topk_weights`` each destination passes to a direct ``combine``: a value naming (rank, local expert)
+    where it owns the entry, and 1e6 (garbage that must be ignored) where it does not."""
     import torch
 
-    k = local_idx.shape[1]
-    named = (rank + 1) * 100.0 + torch.arange(k, dtype=torch.float32, device=local_idx.device)
-    return torch.where(local_idx >= 0, named.expand_as(local_idx), torch.full((), 1e6, device=local_idx.device))
+    named = (rank + 1) * 10000.0 + local_idx.float()  # names (rank, local expert): exact in fp32, any position
+    return torch.where(local_idx >= 0, named, torch.full((), 1e6, device=local_idx.device))
 
 
 def expect(case: Case, rank: int, inputs: list[Inputs]) -> Expected:

@@ -4,7 +4,7 @@ Used by ``megatron-ep bench`` / ``benchmarks/ep_bench.py`` at benchmark sizes (G
 conformance kit's single-process oracle would be slow: every backend gets the same inputs (same seed per rank),
 the source (rank, token) id written into ``x[:, :5]`` (base-16 digits, exact in bf16 and e4m3), and is compared
 with the reference backend: dispatched rows bit-identical after sorting each source-rank block by source id,
-``recv_topk_idx`` equal and ``recv_topk_weights`` equal where ``idx >= 0``, ``tokens_per_expert`` equal, combine
+each row's (local id, weight) pairs equal in any order (``canonical_topk``), ``tokens_per_expert`` equal, combine
 and the gradients of ``x`` and the probs through the core's autograd slot within ``||a-b||/||b|| < 1e-2``.
 """
 
@@ -115,6 +115,20 @@ def expected_blocks(args, rank, world, device):
     return sizes
 
 
+def canonical_topk(idx, w):
+    """A received row's (local expert id, weight) pairs in a canonical order: ascending id (stable), the -1
+    entries last with weight 0. The contract fixes the pairs, not their positions within the row (DeepEP keeps
+    the source's top-k slots; nccl.ep's HT layout packs them in ascending id), since Megatron turns them into a
+    per-expert map. Returns CPU tensors (int64, float32)."""
+    import torch
+
+    idx, w = idx.long().cpu(), w.float().cpu()
+    key = torch.where(idx >= 0, idx, torch.iinfo(torch.int64).max)
+    order = key.argsort(dim=1, stable=True)
+    si = idx.gather(1, order)
+    return si, torch.where(si >= 0, w.gather(1, order), 0.0)
+
+
 def compare(ref, got, blocks):
     """Dict of checks; each value (ok, number or message)."""
     import torch
@@ -150,10 +164,9 @@ def compare(ref, got, blocks):
             if isinstance(rx, tuple):
                 rx = dequant(rx)
             ok_rows = torch.equal(raw_bytes(rx[pr]).cpu(), raw_bytes(gx[pg]).cpu())
-            ri, gi = ref["recv_idx"][pr].long().cpu(), got["recv_idx"][pg].long().cpu()
-            rw, gw = ref["recv_w"][pr].float().cpu(), got["recv_w"][pg].float().cpu()
-            mask = ri >= 0
-            ok_meta = torch.equal(ri, gi) and torch.equal(rw[mask], gw[mask])
+            ri, rw = canonical_topk(ref["recv_idx"][pr], ref["recv_w"][pr])
+            gi, gw = canonical_topk(got["recv_idx"][pg], got["recv_w"][pg])
+            ok_meta = torch.equal(ri, gi) and torch.equal(rw, gw)
             if not ok_rows:
                 msg = "row contents differ"
     checks["dispatch_rows"] = {"ok": bool(ok_rows), "rows": int(n_got), "detail": msg}

@@ -229,6 +229,13 @@ def _owner_local(idx: torch.Tensor, group: _Group, rank: int) -> torch.Tensor:
     return torch.where((idx >= lo) & (idx < lo + group.local), idx - lo, -1)
 
 
+def _ht_owned_order(local: torch.Tensor) -> torch.Tensor:
+    """Top-k positions of the entries a rank owns (``local >= 0``), in ascending local id (stable): the order of
+    an HT FLAT received row's packed entries, as real nccl.ep returns them (see _ht_dispatch)."""
+    pos = torch.nonzero(local >= 0).flatten()
+    return pos[torch.argsort(local[pos], stable=True)]
+
+
 def _check_ids(idx: torch.Tensor, group: _Group) -> None:
     bad = (idx < -1) | (idx >= group.num_experts)
     if bool(bad.any()):
@@ -481,9 +488,18 @@ def _ht_dispatch(handle, group, inputs, outputs, layout_info, direction, x, out_
         src_x, src_w = everyone[src]
         out_x[slot].copy_(src_x[t].to(out_x.dtype))
         if forward:
+            # Seen on 2 x H200 (nccl-extensions 0.1.0, HT FLAT, LOCAL ids): a received row's owned entries come
+            # packed to the front in ascending local expert id, each with its weight, then -1 / 0.0 -- not in the
+            # source's top-k slot positions (e.g. slots [-1, 74, 116, -1, 111, -1, -1, 108] arrive as
+            # [74, 108, 111, 116, -1, -1, -1, -1]). HT BWD combine maps them back (_ht_owned_order).
             ids = _recv_ids(handle.all_idx[src][t], group, kind)
-            out_idx[slot].copy_(ids)
-            out_w[slot].copy_(torch.where(ids >= 0, src_w[t], 0.0))  # dense->sparse: only local experts' probs
+            order = _ht_owned_order(_owner_local(handle.all_idx[src][t], group, group.rank))
+            packed_ids = torch.full_like(ids, -1)
+            packed_w = torch.zeros(ids.shape[0], dtype=torch.float32)
+            packed_ids[:order.numel()] = ids[order]
+            packed_w[:order.numel()] = src_w[t][order]  # dense->sparse: only local experts' probs
+            out_idx[slot].copy_(packed_ids)
+            out_w[slot].copy_(packed_w)
     if forward:
         handle.dispatch_rows, handle.hidden = rows, hidden
 
@@ -625,9 +641,9 @@ def _ht_combine(handle, group, inputs, outputs, direction, x, out):
             if src != group.rank:
                 continue
             acc[t] += dst_rows[slot].float()
-            if dst_w is not None:  # only the experts dst owns (dense probs of its local experts)
-                owned = _owner_local(handle.topk_idx[t], group, dst) >= 0
-                acc_w[t] += torch.where(owned, dst_w[slot], 0.0)
+            if dst_w is not None:  # only the experts dst owns, from the packed receive layout back to the slots
+                order = _ht_owned_order(_owner_local(handle.topk_idx[t], group, dst))
+                acc_w[t, order] += dst_w[slot][:order.numel()].float()
     out.copy_(acc.to(out.dtype))
     if out_w is not None:
         out_w.copy_(acc_w)
