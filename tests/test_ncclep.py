@@ -343,6 +343,7 @@ def _choices(rank, world, gin):
 
     from megatron_ep_plugins.backends.ncclep import NcclEpBackend
 
+    os.environ["MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH"] = "1"  # growth needs an agreement at every dispatch
     backend = NcclEpBackend()
     group = dist.group.WORLD
     seen = []
@@ -365,6 +366,45 @@ def test_auto_algorithm_and_group_growth(ncclep_emulator):
     assert sizes == [("ht", 512, 1024), ("ll", 128, 1024)]  # HT grew 128 -> 256 -> 512 tokens, never shrank
     assert retired == 2  # outgrown HT groups stay alive for handles that may still use them
     assert comms == 1  # one NCCL communicator per process group
+
+
+def _steady_state(rank, world, check_each):
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.backends.ncclep import NcclEpBackend
+    from megatron_ep_plugins.errors import InvalidInputError
+
+    os.environ["MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH"] = check_each
+    backend, group = NcclEpBackend(), dist.group.WORLD
+    gathers = []
+    real = dist.all_gather
+    dist.all_gather = lambda *a, **k: (gathers.append(1), real(*a, **k))[1]
+    try:
+        rows = []
+        for tokens in (40, 40 + 7 * rank, 3, 0 if rank else 5):  # uneven and zero T below the agreed bucket
+            x = torch.randn(tokens, 16).to(torch.bfloat16)
+            idx = torch.randint(0, 8, (tokens, 2), generator=torch.Generator().manual_seed(rank + tokens))
+            rows.append(backend.dispatch(x, idx, torch.rand(tokens, 2), 8, group).recv_x.shape[0])
+        big = None
+        if check_each == "0" and rank == 1:  # above the bucket (128) on one rank: a local error, no collective
+            try:
+                backend.dispatch(torch.zeros(200, 16, dtype=torch.bfloat16), torch.zeros(200, 2, dtype=torch.long),
+                                 torch.ones(200, 2), 8, group)
+            except InvalidInputError as exc:
+                big = str(exc)
+        return len(gathers), rows, big
+    finally:
+        dist.all_gather = real
+
+
+def test_agreement_once_per_shape_by_default(ncclep_emulator):
+    ncclep_emulator()
+    once = run_ranks(_steady_state, 2, "0")
+    each = run_ranks(_steady_state, 2, "1")
+    assert [g for g, _, _ in once] == [1, 1]  # the first dispatch of the shape only
+    assert [g for g, _, _ in each] == [4, 4]
+    assert [r for _, r, _ in once] == [r for _, r, _ in each]  # same rows either way
+    assert "200 tokens on this rank exceed the 128" in once[1][2] and "CHECK_EACH_DISPATCH=1" in once[1][2]
 
 
 def test_auto_without_gin_never_picks_ll(ncclep_emulator):

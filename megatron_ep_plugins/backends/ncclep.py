@@ -123,6 +123,7 @@ class NcclEpSettings:
     num_sms: Optional[int] = None
     timeout_ms: Optional[int] = None
     active_mask: bool = False
+    check_each_dispatch: bool = True
 
 
 def read_settings(environ: Optional[Mapping[str, str]] = None) -> NcclEpSettings:
@@ -151,6 +152,7 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> NcclEpSettings
         num_sms=read_int("MCORE_EP_NCCLEP_NUM_SMS", env, minimum=0) or None,
         timeout_ms=read_int("MCORE_EP_NCCLEP_TIMEOUT_MS", env, minimum=1),
         active_mask=active_mask,
+        check_each_dispatch=read_bool("MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH", env),
     )
 
 
@@ -176,6 +178,47 @@ class _Agreed:
     topk: int
     num_experts: int
     needs_grad: bool
+
+
+@dataclass
+class _Steady:
+    """What a shape's first (agreed) dispatch settled: the group entry to use and the communicator."""
+
+    entry: "_GroupEntry"
+    comm: Any
+    world: int
+
+
+def _steady_key(x, topk_idx, topk_weights, num_experts, group) -> Optional[tuple]:
+    """The agreement's cache key (every value but T, which may differ by rank), or None for malformed input."""
+    if _local_form(x, topk_idx, topk_weights, num_experts):
+        return None
+    return (group, x.shape[1], topk_idx.shape[1], num_experts, x.dtype, topk_idx.dtype, topk_weights.dtype, x.device,
+            bool(x.requires_grad or topk_weights.requires_grad))
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _local_form(x, topk_idx, topk_weights, num_experts) -> int:
+    """The agreement's _FORM code for this rank's arguments (0 = well formed)."""
+    if isinstance(x, tuple):
+        return 6
+    if not _tensor_ok(x) or x.dim() != 2:
+        return 1
+    if (not _tensor_ok(topk_idx) or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]
+            or topk_idx.dtype not in (_torch().int64, _torch().int32)):
+        return 2
+    if not _tensor_ok(topk_weights) or topk_weights.shape != topk_idx.shape:
+        return 3
+    if not (x.device == topk_idx.device == topk_weights.device):
+        return 4
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0:
+        return 5
+    return 0
 
 
 @dataclass
@@ -243,12 +286,16 @@ class NcclEpBackend:
         self._groups: dict[tuple, _GroupEntry] = {}
         self._retired: list[_GroupEntry] = []  # outgrown groups: handles may still use them
         self.last_algorithm: Optional[str] = None  # for tests and `explain`
+        #: (group, hidden, top-k, experts, dtypes, device, grad) -> _Steady, once agreed (unless check-each)
+        self._steady: dict[tuple, _Steady] = {}
 
     # -- EPBackend ---------------------------------------------------------------------------------------------
     def set_num_sms(self, num_sms: int) -> None:
         if not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms < 0:
             raise InvalidInputError(f"num_sms={num_sms!r} is invalid: use a non-negative int (0 = automatic)")
         if self.settings.num_sms is None:  # MCORE_EP_NCCLEP_NUM_SMS wins
+            if (num_sms or None) != self.num_sms:
+                self._steady.clear()  # another group config: the next dispatch of each shape agrees again
             self.num_sms = num_sms or None
 
     def agreement_key(self) -> Mapping[str, Any]:
@@ -529,6 +576,24 @@ class NcclEpBackend:
 
         if group is None:
             group = dist.group.WORLD
+        key = _steady_key(x, topk_idx, topk_weights, num_experts, group)
+        steady = self._steady.get(key) if key is not None else None
+        if steady is not None:  # agreed before: no collective, no host sync, a free local bound check
+            entry = steady.entry
+            if x.shape[0] > entry.max_tokens:
+                raise InvalidInputError(
+                    f"backend 'ncclep': {x.shape[0]} tokens on this rank exceed the {entry.max_tokens} per rank the "
+                    "group was agreed with at this shape's first dispatch; only an agreement can grow it on every rank "
+                    "together: set MCORE_EP_NCCLEP_MAX_TOKENS_PER_RANK to the largest batch (a multiple of 4, at most "
+                    f"{MAX_SUPPORTED_TOKENS_PER_RANK}) or MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH=1")
+            self.last_algorithm = entry.algorithm
+            if entry.algorithm == "ht":
+                return self._dispatch_ht(entry, x, topk_idx, topk_weights, steady.comm, steady.world)
+            return self._dispatch_ll(entry, x, topk_idx, topk_weights, steady.comm, steady.world)
+        if key is None and any(k[0] is group for k in self._steady):
+            # malformed input in steady state: the other ranks are not in an agreement now; raise here (the
+            # core's fault propagation stops them), with what the agreement would have said
+            raise InvalidInputError(f"backend 'ncclep': malformed dispatch input: {_FORM_TEXT[_local_form(x, topk_idx, topk_weights, num_experts)]}")
         agreed = self._agree(x, topk_idx, topk_weights, num_experts, group)
         world = dist.get_world_size(group)
         device = x.device
@@ -538,6 +603,8 @@ class NcclEpBackend:
         if algorithm == "ht":
             self._check_ht(agreed, comm, world, max_tokens)
         entry = self._group(group, comm, algorithm, agreed, max_tokens, device)
+        if key is not None and not self.settings.check_each_dispatch:
+            self._steady[key] = _Steady(entry, comm, world)
         self.last_algorithm = algorithm
         if algorithm == "ht":
             return self._dispatch_ht(entry, x, topk_idx, topk_weights, comm, world)
@@ -856,6 +923,12 @@ SETTINGS = declare(
            "unset: the library default (~100 s). A peer silent for longer traps the kernel (an error on the "
            "other ranks, not a hang), or is masked with `MCORE_EP_NCCLEP_ACTIVE_MASK=1`. nccl.ep's own "
            "`NCCL_EP_TIMEOUT_MS` overrides it.", Integer(1, 86_400_000)),
+    EnvVar("MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH", "1", "`1`: agree on sizes, dtypes and expert ids across ranks at "
+           "every dispatch (one small all_gather + host sync on the torch group): a larger batch grows the group "
+           "on every rank together, bad ids fail on every rank, and in HT a dead peer becomes "
+           "`NcclEpRankFailure` at the group's timeout. `0`: once per (group, hidden, top-k, experts, dtypes, "
+           "grad mode), faster; then a token count above the agreed bucket is a local error, and a dead peer "
+           "in HT hangs in nccl.ep's handle creation, which has no timeout.", Boolean()),
     EnvVar("MCORE_EP_NCCLEP_ACTIVE_MASK", "0", "`1`: LL groups mask a timed-out peer instead of trapping "
            "(`enable_mask`); the adapter then checks nccl.ep's async-error flag after each LL operation and "
            "raises `NcclEpRankFailure` naming the masked ranks. Not available with `ALGORITHM=ht`.", Boolean()),

@@ -296,8 +296,56 @@ def timing_megatron_legacy(backend, x_in, idx, probs, E, group, rank, args):
     return td, tc, have
 
 
+def timing_direct_ncclep(backend, x_in, idx, probs, E, group, rank, args):
+    """nccl.ep called bare on the group the adapter made (HT, FLAT layout, eager sizing), as its own tests call it:
+    ``Group.create_handle`` with the receive counters, one device-to-host copy of the counters, ``Handle.dispatch``
+    (FWD); ``Handle.combine`` (FWD). No agreement across ranks, no checks, no autograd."""
+    import torch
+
+    ep = backend._ep
+    entries = [e for e in backend._groups.values() if e.algorithm == "ht" and not e.closed]
+    if not entries:
+        raise RuntimeError("backend 'ncclep' has no HT group yet (plugin dispatch must run first)")
+    entry = max(entries, key=lambda e: e.max_tokens)
+    stream = int(torch.cuda.current_stream().cuda_stream)
+    hidden, topk = x_in.shape[1], idx.shape[1]
+    local = E // entry.num_ranks
+    ids = idx.to(torch.int64).contiguous()
+    w = probs.float().contiguous()
+    state = {}
+
+    def d():
+        counters = torch.zeros(1 + local, dtype=torch.int32, device=x_in.device)
+        info = ep.LayoutInfo(recv_total_counter=ep.Tensor(counters[:1]), expert_counters=ep.Tensor(counters[1:]),
+                             recv_topk_idx_kind=ep.ExpertIdKind.LOCAL)
+        raw = entry.group.create_handle(ep.Layout.FLAT, ep.Tensor(ids), layout_info=info, stream=stream)
+        rows = max(int(counters[0].item()), 1)  # the host sync eager sizing needs
+        recv_x = torch.empty(rows, hidden, dtype=x_in.dtype, device=x_in.device)
+        recv_w = torch.empty(rows, topk, dtype=torch.float32, device=x_in.device)
+        recv_i = torch.empty(rows, topk, dtype=torch.int64, device=x_in.device)
+        raw.dispatch(ep.DispatchInputs(tokens=ep.Tensor(x_in), topk_weights=ep.Tensor(w)),
+                     ep.DispatchOutputs(tokens=ep.Tensor(recv_x), topk_weights=ep.Tensor(recv_w),
+                                        topk_idx=ep.Tensor(recv_i)),
+                     config=ep.DispatchConfig(pass_direction=ep.PassDir.FWD), stream=stream)
+        old = state.pop("raw", None)  # keep each handle alive until its combine has been queued
+        state["raw"] = raw
+        if old is not None:
+            old.destroy()
+        return raw, recv_x
+
+    def c(h):
+        raw, recv_x = h
+        out = torch.empty(x_in.shape[0], hidden, dtype=x_in.dtype, device=x_in.device)
+        raw.combine(ep.CombineInputs(tokens=ep.Tensor(recv_x)), ep.CombineOutputs(tokens=ep.Tensor(out)),
+                    config=ep.CombineConfig(pass_direction=ep.PassDir.FWD), stream=stream)
+        return out
+
+    with torch.no_grad():
+        return time_pair(d, c, args.iters, args.warmup, args.device, group)
+
+
 DIRECT = {"legacy": timing_direct_legacy, "elastic": timing_direct_elastic, "torch": timing_direct_torch,
-          "hybridep": timing_direct_hybridep}
+          "hybridep": timing_direct_hybridep, "ncclep": timing_direct_ncclep}
 EXTRA_DIRECT = {"torch": ("direct_counts", timing_direct_torch_counts)}
 MEGATRON = {"legacy": timing_megatron_legacy}
 
