@@ -352,6 +352,47 @@ def test_steady_state_skips_checks_and_world_size_lookups(deepep_emulator, backe
         assert later == [], later
 
 
+def _stream_flags(rank, world, backend_name, overlap):
+    """The flags each DeepEP call receives when Megatron passes async_finish=allocate_on_comm_stream=True."""
+    import torch.distributed as dist
+
+    backend = make_backend(backend_name)
+    backend.stream_overlap = overlap
+    group = dist.group.WORLD
+    x, idx, w = _tokens(8, 256, 2, 4)
+    flags = dict(async_finish=True, allocate_on_comm_stream=True)
+    res = backend.dispatch(x, idx, w, 4, group, **flags)  # builds the buffer
+    buf = next(iter(backend._buffers.values())) if backend_name == "legacy" else next(iter(backend._groups.values())).buffer
+    seen = []
+    cls = type(buf)
+    for op in ("dispatch", "combine"):
+        real = getattr(cls, op)
+
+        def spy(self, *a, _real=real, _op=op, **k):
+            seen.append((_op, bool(k.get("async_finish", k.get("async_with_compute_stream", False))),
+                         bool(k.get("allocate_on_comm_stream", False)),
+                         getattr(k.get("previous_event"), "event", k.get("previous_event")) is not None))
+            return _real(self, *a, **k)
+
+        setattr(cls, op, spy)
+    res = backend.dispatch(x, idx, w, 4, group, **flags)
+    backend.combine(res.recv_x, res.handle, group, **flags)
+    backend.dispatch_cached(x, res.handle, group, **flags)
+    return seen
+
+
+@pytest.mark.parametrize("backend_name, api", [("legacy", "v2"), ("elastic", "v2")])
+def test_megatron_async_flags_reach_deepep_only_with_stream_overlap(deepep_emulator, backend_name, api):
+    """The slot returns tensors ready on the current stream, so by default the adapters run DeepEP's synchronous
+    mode (same ordering, no events or comm-stream allocations: _deepep_common.STREAM_OVERLAP_NOTE)."""
+    deepep_emulator(api)
+    for seen in run_ranks(_stream_flags, 2, backend_name, False):
+        assert len(seen) == 3 and all(flags == [False, False, False] for _, *flags in seen), seen
+    for seen in run_ranks(_stream_flags, 2, backend_name, True):
+        # combine and the cached dispatch reuse the handle; every call gets Megatron's flags and an event to wait on
+        assert len(seen) == 3 and all(async_ and on_comm and prev for _, async_, on_comm, prev in seen), seen
+
+
 def _elastic_buckets(rank, world):
     import deep_ep
     import torch.distributed as dist
