@@ -17,6 +17,8 @@
 #     lease1     one ~9 minute command: GPU tests (DeepEP main tree + nccl.ep, torch backend's graph and sync tests),
 #                ep_bench bf16 T=4096 with torch, legacy, elastic and ncclep in one run, the token sweep, fp8
 #     lease2     the next one: hybridep (GPU test, ep_bench, train_moe), ncclep train_moe, T=8192
+#     ncclep_only  NCCL 2.30.7 + nccl.ep, no DeepEP build: ep_bench torch+ncclep (T=256, 4096; bare nccl.ep as
+#                "direct"), tests/test_gpu.py -k ncclep, host_gap.py for torch and ncclep, ncclep agreeing once
 #   Environment: DEEPEP_DIR (/tmp/deepep), HYBRIDEP_DIR (/tmp/hybridep), NCCLEP_SITE (/tmp/ncclep_site),
 #   RES, OUT, STEPS (train steps, 20), PY (python3).
 set -u
@@ -143,6 +145,13 @@ for stage in "$@"; do
       tree "$DEEPEP_DIR:$NCCLEP_SITE"
       step train_ncclep 100 train ncclep --backend ncclep
       step bench_bf16_T8192 60 bench --backends torch,legacy,elastic --tokens 8192 --iters 30 --name bf16_T8192
+      ;;
+    ncclep_only)
+      export PYTHONPATH=$ROOT:$NCCLEP_SITE${PYTHONPATH:+:$PYTHONPATH}; machine_info
+      step bench_ncclep_torch 75 bench --backends torch,ncclep --tokens 256,4096 --iters 20 --warmup 5 --name ncclep_torch
+      step gpu_tests_ncclep 90 $PY -m pytest -v -rA tests/test_gpu.py -k "ncclep" --junitxml "$RES/gpu_tests_ncclep.xml"
+      step host_gap 45 env GAP_BACKENDS=torch,ncclep GAP_TOKENS=256,4096 GAP_ITERS=30 $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/host_gap.py
+      step bench_ncclep_once 45 env MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH=0 bash -c 'bench --backends ncclep --tokens 256,4096 --iters 20 --warmup 5 --name ncclep_once'
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
