@@ -74,6 +74,14 @@ PY
   } > "$RES/machine.txt" 2>&1
 }
 
+hybridep_steps() {  # hybridep_steps TEST_LIMIT BENCH_LIMIT TRAIN_LIMIT: the hybrid-ep tree's test, bench and training
+  tree "$HYBRIDEP_DIR"
+  $PY -m megatron_ep_plugins.cli list > "$RES/list_hybridep.txt" 2>&1
+  step gpu_tests_hybridep "$1" $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
+  step bench_hybridep_T4096 "$2" bench --backends torch,hybridep --iters 30 --name hybridep_bf16_T4096
+  step train_hybridep "$3" train hybridep --backend hybridep
+}
+
 for stage in "$@"; do
   case $stage in
     deepep)
@@ -115,11 +123,7 @@ for stage in "$@"; do
       step train_elastic_env 120 env MCORE_EP_BACKEND=elastic $PY examples/train_moe.py --no-install --steps "$STEPS" --seed 1234 --json-out "$RES/train/elastic_env.json"
       ;;
     hybridep)
-      tree "$HYBRIDEP_DIR"
-      $PY -m megatron_ep_plugins.cli list > "$RES/list_hybridep.txt" 2>&1
-      step gpu_tests_hybridep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
-      step bench_hybridep_T4096 100 bench --backends torch,hybridep --iters 30 --name hybridep_bf16_T4096
-      step train_hybridep 120 train hybridep --backend hybridep
+      hybridep_steps 150 100 120
       ;;
     ncclep)
       tree "$DEEPEP_DIR:$NCCLEP_SITE"
@@ -137,11 +141,7 @@ for stage in "$@"; do
       step bench_fp8_T4096 60 bench --backends legacy,elastic --fp8 --iters 30 --name fp8_T4096
       ;;
     lease2)
-      tree "$HYBRIDEP_DIR"
-      $PY -m megatron_ep_plugins.cli list > "$RES/list_hybridep.txt" 2>&1
-      step gpu_tests_hybridep 110 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
-      step bench_hybridep_T4096 90 bench --backends torch,hybridep --iters 30 --name hybridep_bf16_T4096
-      step train_hybridep 100 train hybridep --backend hybridep
+      hybridep_steps 110 90 100
       tree "$DEEPEP_DIR:$NCCLEP_SITE"
       step train_ncclep 100 train ncclep --backend ncclep
       step bench_bf16_T8192 60 bench --backends torch,legacy,elastic --tokens 8192 --iters 30 --name bf16_T8192
