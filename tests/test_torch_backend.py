@@ -331,6 +331,46 @@ def test_hot_path_has_no_hidden_sync_and_fixed_collectives(topk, per_rank):
         assert num_sent > 64  # tokens do go to several ranks: the block is larger than [T, H]
 
 
+def _rank_graph_capture_fails(rank, world):
+    """Routing graphs forced on where capture cannot work (CPU: no CUDA): the second dispatch of a shape tries to
+    capture, fails, logs one warning and runs eagerly; results stay those of a backend that never tried."""
+    import logging
+
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.backends import torch_a2a
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    torch_a2a.log.addHandler(Keep())
+    tried, plain, g = torch_a2a.TorchA2ABackend(), torch_a2a.TorchA2ABackend(), dist.group.WORLD
+    same = []
+    for i in range(3):
+        gen = torch.Generator().manual_seed(10 * i + rank)  # one shape (T=12, H=16, K=2), a new routing each time
+        num_experts = 2 * world
+        x = torch.randn(12, 16, generator=gen).to(torch.bfloat16)
+        idx = torch.randint(-1, num_experts, (12, 2), generator=gen)
+        w = torch.rand(12, 2, generator=gen)
+        c = tried._constants(x.device, world, num_experts, x.shape[1], idx.shape[1], x.dtype)
+        c.graphs = True  # as on CUDA with MCORE_EP_TORCH_CUDA_GRAPHS=1
+        a = tried.dispatch(x, idx, w, num_experts, g)
+        b = plain.dispatch(x, idx, w, num_experts, g)
+        same.append(all(torch.equal(u, v) for u, v in zip(a[:4], b[:4])))
+        same.append(torch.equal(tried.combine(a.recv_x, a.handle, g)[0], plain.combine(b.recv_x, b.handle, g)[0]))
+    return same, sum(v is None for v in tried._graphs.values()), [m for m in records if "CUDA graph capture" in m]
+
+
+def test_failed_graph_capture_falls_back_to_eager_with_one_warning():
+    for same, failed, warnings in run_ranks(_rank_graph_capture_fails, 2):
+        assert all(same), same
+        assert failed >= 1 and len(warnings) == failed, (failed, warnings)
+        assert "runs eagerly" in warnings[0] and "MCORE_EP_TORCH_CUDA_GRAPHS=0" in warnings[0]
+
+
 def _rank_gpu_sync_count(rank, world):
     """CUDA only: count host syncs per call with sync debug mode set to raise on any implicit one."""
     import torch.distributed as dist
