@@ -297,7 +297,11 @@ class HybridEPBackend:
         recv_idx = torch.where(owned, gids - me * local, -1)
         offset = st.prob_offset
         recv_w = torch.where(owned, dprobs.gather(1, offset + recv_idx.clamp(min=0)), 0.0)
-        tokens_per_expert = torch.bincount(recv_idx[owned], minlength=local).to(torch.int64).cpu()
+        # entries per local expert, -1 in bucket 0: a histogram with no host sync (a boolean-mask index and bincount
+        # would each sync on CUDA); the copy to the host is the one sync the CPU counts need
+        hist = torch.zeros(local + 1, dtype=torch.int64, device=device)
+        hist.scatter_add_(0, (recv_idx + 1).view(-1), torch.ones(recv_idx.numel(), dtype=torch.int64, device=device))
+        tokens_per_expert = hist[1:].cpu()
         handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, width, num_experts,
                                 offset, local, local * st.ranks_per_domain)
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
