@@ -351,15 +351,17 @@ class _RouteGraph:
                 flat = torch.cat([(t.view(torch.int64) if t.dtype == torch.int32 else t).reshape(-1) for t in r])
                 return flat, [(t.shape, t.dtype) for t in r]
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, library handles, workspaces
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the process group's watchdog thread queries CUDA events while this thread captures
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                flat, layout = run()
+            with torch.cuda.device(topk_idx.device):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, library handles, workspaces
+                    run()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the process group's watchdog thread queries CUDA events while this thread captures.
+                # (Entering capture synchronises the device and runs gc.collect(): once per token count.)
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    flat, layout = run()
             return cls(graph, static_idx, static_w, flat, layout)
         except Exception as exc:  # noqa: BLE001 - a missed optimisation, never an error: eager for this shape
             log.warning("backend 'torch': CUDA graph capture of the routing for T=%d failed (%s: %s); this shape "
