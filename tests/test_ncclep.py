@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # distributed.py, when run as a script
 from distributed import run_ranks  # noqa: E402
 from megatron_ep_plugins.testing.reference import canonical_topk  # noqa: E402
+from test_deepep_backends import _order, _rel  # noqa: E402  (rows sorted by content; relative error)
 
 EMULATORS = Path(__file__).resolve().parent / "emulators"
 GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -87,17 +88,6 @@ def make_inputs(name: str, rank: int, world: int):
             idx[4, :] = -1  # routed nowhere
     w = torch.rand(tokens, idx.shape[1], generator=gen)
     return x, idx, w, num_experts
-
-
-def _order(recv_x, recv_idx):
-    """Permutation sorting received rows by content (rows are random, so content names the source token)."""
-    keys = [tuple(r) + tuple(i) for r, i in zip(recv_x.view(torch.int16).tolist(), recv_idx.tolist())]
-    return sorted(range(len(keys)), key=keys.__getitem__)
-
-
-def _rel(a, b) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp(min=1e-6))
 
 
 def _compare_ncclep(rank, world, scenarios, device="cpu", algorithm="auto"):
