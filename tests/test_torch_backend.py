@@ -371,6 +371,32 @@ def test_failed_graph_capture_falls_back_to_eager_with_one_warning():
         assert "runs eagerly" in warnings[0] and "MCORE_EP_TORCH_CUDA_GRAPHS=0" in warnings[0]
 
 
+def test_graph_outputs_unpack_to_the_routing_they_packed():
+    """_RouteGraph's unpacking (CPU; replay stubbed, since the flat block already holds one routing): every field
+    comes back with its shape, dtype and values, as views of one fresh copy (not of the graph's memory)."""
+    from megatron_ep_plugins.backends import torch_a2a
+
+    backend = torch_a2a.TorchA2ABackend()
+    gen = torch.Generator().manual_seed(7)
+    for world, topk, tokens in ((2, 4, 9), (4, 2, 5), (3, 1, 1)):  # R <= K, R > K (distinct bags), one token
+        num_experts = 2 * world
+        idx = torch.randint(-1, num_experts, (tokens, topk), generator=gen)
+        w = torch.rand(tokens, topk, generator=gen)
+        c = backend._constants(torch.device("cpu"), world, num_experts, 8, topk, torch.bfloat16)
+        r = torch_a2a._route(c, idx, w, tokens, min(world, topk) * tokens)
+        flat, layout = torch_a2a._pack(r)
+
+        class Replayed:  # the graph's replay has already written ``flat``
+            def replay(self):
+                pass
+
+        graph = torch_a2a._RouteGraph(Replayed(), torch.empty_like(idx), torch.empty_like(w), flat, layout)
+        got = graph(idx, w)
+        for name, a, b in zip(torch_a2a._Routing._fields, got, r):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+            assert a.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr(), name  # a copy, not the graph's
+
+
 def _rank_gpu_sync_count(rank, world):
     """CUDA only: count host syncs per call with sync debug mode set to raise on any implicit one."""
     import torch.distributed as dist

@@ -329,6 +329,15 @@ def _route(c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> _Ro
     return _Routing(header, token_ids, meta, bags, positions.gather(1, slots), slots)
 
 
+def _pack(r: _Routing) -> tuple:
+    """The routing's fields as one flat int64 block (int32 fields in pairs) and their (shape, dtype): one clone
+    copies them all out of a graph's memory; :class:`_RouteGraph` unpacks them as views."""
+    import torch
+
+    flat = torch.cat([(t.view(torch.int64) if t.dtype == torch.int32 else t).reshape(-1) for t in r])
+    return flat, [(t.shape, t.dtype) for t in r]
+
+
 class _RouteGraph:
     """:func:`_route` for one shape as a CUDA graph: 2 input copies, 1 replay and 1 clone instead of about 30
     kernel launches from Python (about 1 ms of host time per dispatch on H200 with torch 2.11, which the host
@@ -336,7 +345,15 @@ class _RouteGraph:
     the next dispatch of the same shape."""
 
     def __init__(self, graph, idx, weights, flat, layout):
-        self.graph, self.idx, self.weights, self.flat, self.layout = graph, idx, weights, flat, layout
+        import torch
+
+        self.graph, self.idx, self.weights, self.flat = graph, idx, weights, flat
+        self.plan = []  # (start, end, shape, int32?) of each _Routing field in the flat int64 block, computed once
+        offset = 0
+        for shape, dtype in layout:
+            n = math.prod(shape) // (2 if dtype == torch.int32 else 1)
+            self.plan.append((offset, offset + n, shape, dtype == torch.int32))
+            offset += n
 
     @classmethod
     def capture(cls, c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> Optional["_RouteGraph"]:
@@ -347,9 +364,7 @@ class _RouteGraph:
             static_w = torch.zeros_like(weights)
 
             def run():
-                r = _route(c, static_idx, static_w, num_tokens, max_sent)  # int64 fields, and meta in int32 pairs
-                flat = torch.cat([(t.view(torch.int64) if t.dtype == torch.int32 else t).reshape(-1) for t in r])
-                return flat, [(t.shape, t.dtype) for t in r]
+                return _pack(_route(c, static_idx, static_w, num_tokens, max_sent))
 
             with torch.cuda.device(topk_idx.device):
                 side = torch.cuda.Stream()
@@ -376,13 +391,9 @@ class _RouteGraph:
         self.weights.copy_(weights)
         self.graph.replay()
         flat = self.flat.clone()
-        parts, offset = [], 0
-        for shape, dtype in self.layout:
-            n = math.prod(shape) // (2 if dtype == torch.int32 else 1)
-            part = flat[offset:offset + n]
-            parts.append(part.view(torch.int32).view(shape) if dtype == torch.int32 else part.view(shape))
-            offset += n
-        return _Routing(*parts)
+        int32 = torch.int32
+        return _Routing(*(flat[a:b].view(int32).view(shape) if as_int32 else flat[a:b].view(shape)
+                          for a, b, shape, as_int32 in self.plan))
 
 
 def _pack_meta(idx, weights, slots, token_ids, row_dest, local: int, fill) -> "torch.Tensor":
