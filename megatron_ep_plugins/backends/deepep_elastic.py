@@ -734,7 +734,7 @@ def ep_register_backends():
             probe=_probe,
             settings=SETTINGS,
             validate=lambda env: read_settings(env.environ),
-            capabilities=Capabilities(devices=("cuda",), fp8_dispatch=True, uneven_tokens=True, async_overlap=True,
+            capabilities=Capabilities(devices=("cuda",), fp8_dispatch=True, uneven_tokens=True, async_overlap=False,
                                       deterministic_order=False, internode=True),
             description="DeepEP V2 deep_ep.ElasticBuffer or V2.5 EPBuffer (NCCL GIN; pinned/bucketed "
                         "num_max_tokens_per_rank)",

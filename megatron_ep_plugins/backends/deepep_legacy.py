@@ -423,7 +423,7 @@ def ep_register_backends():
             factory=DeepEPLegacyBackend,
             probe=_probe,
             settings=SETTINGS,
-            capabilities=Capabilities(devices=("cuda",), fp8_dispatch=True, uneven_tokens=True, async_overlap=True,
+            capabilities=Capabilities(devices=("cuda",), fp8_dispatch=True, uneven_tokens=True, async_overlap=False,
                                       deterministic_order=False, internode=True),
             description="DeepEP V1 deep_ep.Buffer (what Megatron's fused_a2a calls)",
         )
