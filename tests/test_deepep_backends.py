@@ -449,6 +449,42 @@ def test_elastic_steady_state_adds_no_collective_and_overflow_says_what_to_pin(d
         assert "MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1" in msg
 
 
+def _hybridep_steady_state(rank, world, check_each):
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.errors import InvalidInputError
+
+    os.environ["MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH"] = check_each
+    backend = make_backend("hybridep")
+    group = dist.group.WORLD
+    calls = []
+    original = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    rows = []
+    for tokens in (40 + rank, 60, 5 + 3 * rank, 0 if rank else 7):  # uneven and zero T within the capacity (64)
+        rows.append(_round_trip(backend, group, tokens, HIDDEN).recv_x.shape[0])
+    try:
+        x, idx, w = _tokens(100, HIDDEN, 2, 4)
+        backend.dispatch(x, idx, w, 4, group)
+        msg = "no error"
+    except InvalidInputError as exc:
+        msg = str(exc)
+    return len(calls), rows, msg
+
+
+def test_hybridep_agrees_once_per_shape_and_pads_to_capacity(deepep_emulator):
+    deepep_emulator("v2")
+    once = run_ranks(_hybridep_steady_state, 2, "0")
+    each = run_ranks(_hybridep_steady_state, 2, "1")
+    assert [c for c, _, _ in once] == [1, 1]  # the shape's first dispatch only (the 100-token one raised locally)
+    assert [c for c, _, _ in each] == [5, 5]  # every dispatch, including the one that grows the buffer
+    assert [r for _, r, _ in once] == [r for _, r, _ in each]  # padding to capacity changes nothing received
+    for _, _, msg in once:
+        assert "100 tokens exceed the buffer's max_num_of_tokens_per_rank=64" in msg
+        assert "MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK=128" in msg and "CHECK_EACH_DISPATCH=1" in msg
+    assert all(msg == "no error" for _, _, msg in each)
+
+
 def _elastic_pinned(rank, world, values, tokens):
     import torch.distributed as dist
 

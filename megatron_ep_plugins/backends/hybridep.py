@@ -3,10 +3,13 @@
 HybridEP's non-permute ``dispatch``/``combine`` differ from the contract in three ways; the adapter bridges
 them:
 
-* **Equal token counts.** HybridEP all-gathers routing maps and hangs when ranks pass different T. The
-  adapter agrees on the largest T with one ``all_reduce(MAX)`` per dispatch and pads every rank's tokens to
-  it, rounded up to a multiple of 4 (see the TMA rule below); padded rows have an all-False routing map, so
-  they go nowhere and come back as zeros (dropped).
+* **Equal token counts.** HybridEP all-gathers routing maps and hangs when ranks pass different T. At a
+  shape's first dispatch the adapter agrees on the largest T with one ``all_reduce(MAX)`` (which also
+  carries bad ids and shape mismatches to every rank) and pads every rank's tokens to it, rounded up to a
+  multiple of 4 (see the TMA rule below); afterwards every rank pads to the buffer's capacity, which is the
+  same on every rank, with no collective and no host sync (``MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH=1``:
+  agree at every dispatch, as elastic's variable of the same name). Padded rows have an all-False routing
+  map, so they go nowhere and come back as zeros (dropped).
 * **No ``-1`` indices.** HybridEP's ``topk_idx`` path scatters the indices (a ``-1`` faults). The adapter
   never passes ``topk_idx``: it builds the ``routing_map [T, E]`` bool / ``probs [T, E]`` fp32 form itself,
   where a ``-1`` entry simply sets nothing.
@@ -25,10 +28,11 @@ it is asserted whenever ``routing_map`` is None); ``combine(hidden=, probs=, han
 width itself and reads only ``num_of_hybrid_ep_ranks_per_nvlink_domain`` and ``local_rank``, which it has.
 
 Buffer: one per process group, ``max_num_of_tokens_per_rank`` from ``MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK`` or
-the agreed largest T rounded up to a multiple of 64 (grown, on every rank together, when a larger T arrives).
-Only bf16 tokens (HybridEP moves 2-byte elements); FP8 is not supported by this adapter. Hot path: the
-argument checks and size rules run once per call key (see ``_deepep_common``); every dispatch still does the
-T agreement (HybridEP needs equal T) and the routing-map construction above.
+the agreed largest T rounded up to a multiple of 64 (grown, on every rank together, when a larger T arrives
+at an agreement; in steady state a larger T is a local error naming the variables to set). Only bf16 tokens
+(HybridEP moves 2-byte elements); FP8 is not supported by this adapter. Hot path: the argument checks, size
+rules and T agreement run once per call key (see ``_deepep_common``); every dispatch still builds the routing
+map and probs above, and copies the per-expert counts to the host once (the contract's CPU counts).
 
 Size rules of the real library, checked up front (``InvalidInputError`` on every rank alike, after the
 rank agreement). Sources: DeepEP branch ``hybrid-ep`` 94a9f8f6.
@@ -62,10 +66,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from ..config import declare, read_int
+from ..config import declare, read_bool, read_int
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
-from ..spec import Availability, BackendSpec, Capabilities, DispatchResult, EnvVar, Integer
+from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer
 from ._deepep_common import (agree_on_inputs, check_dispatch_args, check_handle, device_sm_count, dispatch_key,
                              probe_deep_ep, rule_error)
 
@@ -167,6 +171,8 @@ class HybridEPBackend:
 
     def __init__(self) -> None:
         self._pinned = read_int("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", minimum=1)
+        self._check_each = read_bool("MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH")
+        self._agreed: set = set()  # dispatch keys agreed across ranks once (unless check-each)
         # HybridEP's own knobs (read by its C++ Configurer); only used here to predict its validity rules
         self._domain_env = _env_int("NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN")
         self._chunk_dispatch = _env_int("NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API") or 64
@@ -260,10 +266,24 @@ class HybridEPBackend:
         topk = topk_idx.shape[1]
         local = num_experts // st.world
         device = x.device
-        max_t = agree_on_inputs(self.name, group, num_tokens, hidden, topk, topk_idx, num_experts, device)
-        # every rank pads to the agreed T, rounded up to a multiple of 4: HybridEP's preprocessing TMA-loads the
-        # last partial chunk of (T % chunk) x ranks-per-domain int32s and needs a multiple of 16 bytes
-        max_t = -(-max_t // _ROW_ALIGN) * _ROW_ALIGN
+        if valid and not self._check_each and key in self._agreed:
+            # agreed before: every rank pads to the buffer's capacity (the same on every rank, built from agreed
+            # sizes), so no collective and no host sync; a larger batch cannot grow the buffer on one rank alone
+            if num_tokens > st.max_tokens:
+                raise InvalidInputError(
+                    f"backend 'hybridep': {num_tokens} tokens exceed the buffer's max_num_of_tokens_per_rank="
+                    f"{st.max_tokens} agreed at this shape's first dispatch (detected on this rank only); set "
+                    f"MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK={-(-num_tokens // TOKEN_ALIGNMENT) * TOKEN_ALIGNMENT} (or "
+                    "the largest batch) on every rank, or MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH=1 to let all ranks "
+                    "grow the buffer together")
+            max_t = st.max_tokens
+        else:
+            max_t = agree_on_inputs(self.name, group, num_tokens, hidden, topk, topk_idx, num_experts, device)
+            # every rank pads to the agreed T, rounded up to a multiple of 4: HybridEP's preprocessing TMA-loads the
+            # last partial chunk of (T % chunk) x ranks-per-domain int32s and needs a multiple of 16 bytes
+            max_t = -(-max_t // _ROW_ALIGN) * _ROW_ALIGN
+            if key is not None and not self._check_each:
+                self._agreed.add(key)
         if not valid:  # after the agreement every rank has the same sizes: the rules fail on all ranks alike
             check_hybridep_rules(st.world, hidden, num_experts, self._ranks_per_domain(st.world),
                                  self._chunk_dispatch, self._chunk_combine, num_sms=self.num_sms,
@@ -376,6 +396,10 @@ def _probe() -> Availability:
 SETTINGS = declare(
     EnvVar("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", "", "HybridEP `max_num_of_tokens_per_rank`; unset: the "
            "largest token count seen on any rank, rounded up to a multiple of 64.", Integer(1, 1 << 20)),
+    EnvVar("MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH", "0", "`1`: agree on token count, shapes and expert ids across "
+           "ranks at every dispatch (one small all_reduce + host sync), padding every rank to the largest T of "
+           "that dispatch; `0`: once per input shape, then every rank pads to the buffer's capacity and a larger "
+           "batch is a local error naming `MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK`.", Boolean()),
 )
 
 

@@ -547,6 +547,9 @@ def run_rank(rank, world, args):
     if len(args.token_list) > 1:
         # one DeepEP V2 buffer (one JIT specialisation) for the whole sweep, as a job pins it
         os.environ.setdefault("MCORE_EP_ELASTIC_MAX_TOKENS_PER_RANK", str(max(args.token_list)))
+        # HybridEP pads every rank to its buffer's capacity once a shape is agreed; in a sweep the buffer grows
+        # with T, so agree at every dispatch (pad to that dispatch's T) instead of padding small T to the largest
+        os.environ.setdefault("MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH", "1")
     registry, cands, by_name = resolve_backends(args.backends)
     made = {}
     for cand in cands:  # each backend once per run, reused across token counts
