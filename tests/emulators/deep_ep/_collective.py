@@ -264,3 +264,15 @@ def _finish_dispatch(gathered, picks, me, local, has_sf, alignment, zero_foreign
     return _pack_x(recv_x, recv_sf), recv_idx, recv_w, counts, torch.cat(src_rank), torch.cat(src_idx)
 
 
+def _route_and_dispatch(group, data, sf, topk_idx, topk_weights, num_experts, me, world, alignment, shuffle):
+    """V2/V2.5 non-cached dispatch after their host asserts: each rank's destinations from its own top-k ids
+    (the kernels compute ``is_token_in_rank`` themselves), the rows gathered, and ``_finish_dispatch``'s result."""
+    local = num_experts // world
+    weights = topk_weights if topk_weights is not None else torch.zeros(topk_idx.shape, dtype=torch.float32)
+    dest = torch.where(topk_idx >= 0, topk_idx // local, world)
+    in_rank = torch.zeros(topk_idx.shape[0], world + 1, dtype=torch.bool)
+    in_rank.scatter_(1, dest, True)
+    tensors = [data, topk_idx, weights, in_rank[:, :world]] + ([sf] if sf is not None else [])
+    gathered = _gather_rows(group, tensors)
+    picks = _select([g[3][:, me] for g in gathered], me, shuffle=shuffle)
+    return _finish_dispatch(gathered, picks, me, local, sf is not None, alignment, zero_foreign_weights=False)

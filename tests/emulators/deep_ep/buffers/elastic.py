@@ -9,9 +9,9 @@ from typing import Optional
 
 import torch
 
-from .._collective import (EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk, _check_torch_deterministic,
-                           _combine_rows, _finish_dispatch, _gather_objects, _gather_rows, _host_assert,
-                           _jit_static_assert, _pack_x, _raise_if_any, _select, _unpack_x)
+from .._collective import (_route_and_dispatch, EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk,
+                           _check_torch_deterministic, _combine_rows, _gather_objects, _gather_rows, _host_assert,
+                           _jit_static_assert, _pack_x, _raise_if_any, _unpack_x)
 from ..utils.event import EventHandle, new_event
 
 
@@ -216,16 +216,8 @@ class _ElasticBuffer:
             error = (f"Assertion exception (csrc/elastic/buffer.hpp:756): num_tokens <= num_max_tokens_per_rank "
                      f"({data.shape[0]} > {max_t}; the other ranks hang in the real kernel)")
         _raise_if_any(self.group, error, RuntimeError)
-        local = num_experts // world
-        weights = topk_weights if topk_weights is not None else torch.zeros(topk_idx.shape, dtype=torch.float32)
-        dest = torch.where(topk_idx >= 0, topk_idx // local, world)
-        in_rank = torch.zeros(topk_idx.shape[0], world + 1, dtype=torch.bool)
-        in_rank.scatter_(1, dest, True)
-        tensors = [data, topk_idx, weights, in_rank[:, :world]] + ([sf] if sf is not None else [])
-        gathered = _gather_rows(self.group, tensors)
-        picks = _select([g[3][:, me] for g in gathered], me, shuffle=not self.deterministic)
-        rx, ri, rw, counts, src_rank, src_idx = _finish_dispatch(gathered, picks, me, local, sf is not None,
-                                                                  alignment, zero_foreign_weights=False)
+        rx, ri, rw, counts, src_rank, src_idx = _route_and_dispatch(
+            self.group, data, sf, topk_idx, topk_weights, num_experts, me, world, alignment, not self.deterministic)
         # mirrors DeepEP deep_ep/buffers/elastic.py:ElasticBuffer.dispatch EPHandle(..., cloned_topk_idx if do_handle_copy else topk_idx) (dd758caf)
         kept_idx = topk_idx.clone() if do_handle_copy else topk_idx
         handle = EPHandle(num_experts, alignment, max_t, num_sms, kept_idx, src_rank, src_idx, counts)

@@ -31,9 +31,9 @@ from typing import Optional
 
 import torch
 
-from .._collective import (EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk, _combine_rows,
-                        _finish_dispatch, _gather_objects, _gather_rows, _host_assert, _pack_x, _raise_if_any, _select,
-                        _unpack_x)
+from .._collective import (_route_and_dispatch, EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk,
+                           _combine_rows, _gather_objects, _gather_rows, _host_assert, _pack_x, _raise_if_any,
+                           _unpack_x)
 from ..utils.event import EventHandle, _V25EventOverlap, new_event
 
 DEEPEP_V25 = "sgl-deep-ep-v25 0.1.0rc0"
@@ -299,16 +299,8 @@ class EPBuffer:
                 error = (f"Assertion exception (csrc/buffers/ep.hpp:344): num_tokens <= num_max_tokens_per_rank "
                          f"({data.shape[0]} > {max_t}; the other ranks hang in the real kernel)")
             _raise_if_any(self.group, error, RuntimeError)
-            local = num_experts // world
-            weights = topk_weights if topk_weights is not None else torch.zeros(topk_idx.shape, dtype=torch.float32)
-            dest = torch.where(topk_idx >= 0, topk_idx // local, world)
-            in_rank = torch.zeros(topk_idx.shape[0], world + 1, dtype=torch.bool)
-            in_rank.scatter_(1, dest, True)
-            tensors = [data, topk_idx, weights, in_rank[:, :world]] + ([sf] if sf is not None else [])
-            gathered = _gather_rows(self.group, tensors)
-            picks = _select([g[3][:, me] for g in gathered], me, shuffle=not self.deterministic)
-            rx, ri, rw, counts, src_rank, src_idx = _finish_dispatch(gathered, picks, me, local, sf is not None,
-                                                                      alignment, zero_foreign_weights=False)
+            rx, ri, rw, counts, src_rank, src_idx = _route_and_dispatch(
+                self.group, data, sf, topk_idx, topk_weights, num_experts, me, world, alignment, not self.deterministic)
             # mirrors DeepEP V2.5 buffers/ep.py:718-731 EPHandle(..., num_sms, topk_idx, ...): the caller's topk_idx
             # itself and the rounded SM count (sgl-deep-ep-v25 0.1.0rc0)
             new_handle = EPHandle(do_expand, num_experts, alignment, max_t, num_sms, topk_idx, counts,
