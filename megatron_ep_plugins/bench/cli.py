@@ -4,15 +4,18 @@ For every backend named in ``--backends`` (same inputs on every backend, same se
 
 * conformance vs the ``torch`` reference backend: dispatched rows bit-identical after sorting each
   source-rank block by source token id (the id is encoded in the first 5 columns of ``x``),
-  ``tokens_per_expert`` equal, ``recv_topk_idx`` equal and ``recv_topk_weights`` equal where
-  ``idx >= 0``, combine ``||a-b||/||b|| < 1e-2``, and ``x.grad`` / ``probs.grad`` through the core's
+  ``tokens_per_expert`` equal, each row's (local id, weight) pairs equal in any order
+  (``testing.reference.canonical_topk``), combine ``||a-b||/||b|| < 1e-2``, and ``x.grad`` / ``probs.grad`` through the core's
   autograd slot (``megatron_ep_plugins.autograd.build_slot``) within the same bound;
 * timing of dispatch and combine through the slot functions Megatron calls (``fused_dispatch`` /
   ``fused_combine``): CUDA events on GPU, ``perf_counter`` + barrier on CPU; per iteration the
   slowest rank counts; median and mean over ``--iters`` after ``--warmup``;
-* for ``legacy`` / ``elastic`` on GPU, the same DeepEP buffer called directly (V1: layout + dispatch
-  + combine as Megatron's ``fused_a2a.py``; V2: ``dispatch(do_expand=False)`` + ``combine`` as
-  DeepEP's tests) in the same run, and the ratio direct/plugin time (>= 0.97: plugin overhead <= 3%).
+* on GPU, the library under each backend called bare on the plugin's own buffer or group, in the same run
+  (``legacy``: layout + dispatch + combine as Megatron's ``fused_a2a.py``; ``elastic``:
+  ``dispatch(do_expand=False)`` + ``combine`` as DeepEP's tests; ``hybridep``: the buffer with a routing
+  map; ``ncclep``: ``create_handle`` + ``dispatch`` + ``combine``; ``torch``: the raw ``all_to_all_single``
+  pair, also on CPU), and the ratio direct/plugin time (>= 0.97: plugin overhead <= 3%); for ``legacy``
+  also Megatron's own ``fused_a2a`` path.
 
 Unavailable backends are reported as skipped with their probe's reason, never replaced.
 
