@@ -50,9 +50,11 @@ Safeguards (see ``docs/backend-contract.md``; DeepEP V2 facts below):
 * Buffer sized from the real hidden size and top-k of the first dispatch (``MCORE_EP_ELASTIC_HIDDEN``/
   ``_NUM_TOPK`` override), with the class's ``get_buffer_size_hint`` when it has one.
 * Dispatch is the 5-tuple call with ``do_expand=False`` (token-major layout) and no layout call; the
-  per-expert counts come from ``handle.num_recv_tokens_per_expert_list``. ``async_finish`` maps to
-  ``async_with_compute_stream`` (then ``event.current_stream_wait()``); ``previous_event`` (from
-  ``buffer.capture()``) is passed only with ``allocate_on_comm_stream=True``, which V2 requires.
+  per-expert counts come from ``handle.num_recv_tokens_per_expert_list``. Megatron's ``async_finish`` /
+  ``allocate_on_comm_stream`` give DeepEP's synchronous mode by default (``_deepep_common.STREAM_OVERLAP_NOTE``);
+  with ``stream_overlap = True``, ``async_finish`` maps to ``async_with_compute_stream`` (then
+  ``event.current_stream_wait()``) and ``previous_event`` (from ``buffer.capture()``) is passed only with
+  ``allocate_on_comm_stream=True``, which V2 requires.
 * Combine always passes ``num_sms=0`` (reuse the dispatch handle's SM count; any other value is a sticky
   CUDA error 719). Combine's backward passes ``num_experts=handle.num_experts``. Combine with
   ``topk_weights`` masks entries whose expert lives elsewhere before the kernel sums over ranks.
@@ -560,11 +562,16 @@ class DeepEPElasticBackend:
                        library=self._library)
         self._ok.add(key)
 
+    def _stream(self, buffer, async_finish: bool, allocate_on_comm_stream: bool):
+        """``(async_with_compute_stream, previous_event, allocate_on_comm_stream)`` to pass to the buffer: Megatron's
+        flags with ``stream_overlap``, else the synchronous mode (``_deepep_common.STREAM_OVERLAP_NOTE``)."""
+        if not self.stream_overlap:
+            return False, None, False
+        return async_finish, buffer.capture() if allocate_on_comm_stream else None, allocate_on_comm_stream
+
     # -- operations ----------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
-        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
-            async_finish = allocate_on_comm_stream = False
         key = dispatch_key(x, topk_idx, topk_weights, num_experts, group)
         st = self._lookup(key)
         if st is None or self._check_each:
@@ -577,7 +584,7 @@ class DeepEPElasticBackend:
         elif self._clone_topk:  # V2.5 keeps this tensor in its handle (do_handle_copy=False): V2's copy semantics
             topk_idx = topk_idx.clone()
         buffer = st.buffer
-        previous = buffer.capture() if allocate_on_comm_stream else None
+        async_finish, previous, allocate_on_comm_stream = self._stream(buffer, async_finish, allocate_on_comm_stream)
         recv_x, recv_idx, recv_w, raw, event = buffer.dispatch(
             x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts, num_sms=self.num_sms or 0,
             previous_event=previous, async_with_compute_stream=async_finish,
@@ -590,8 +597,6 @@ class DeepEPElasticBackend:
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
-        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
-            async_finish = allocate_on_comm_stream = False
         h = handle if handle.__class__ is ElasticHandle else check_handle(handle, ElasticHandle, self.name)
         key = (_CACHED, combine_key(x), h.buffer_hidden)
         if key not in self._ok:
@@ -604,7 +609,7 @@ class DeepEPElasticBackend:
         if data is x:
             x = x.contiguous()
         buffer = h.buffer
-        previous = buffer.capture() if allocate_on_comm_stream else None
+        async_finish, previous, allocate_on_comm_stream = self._stream(buffer, async_finish, allocate_on_comm_stream)
         recv_x, _, _, _, event = buffer.dispatch(
             x, handle=h.raw, num_experts=h.raw.num_experts, num_sms=h.raw.num_sms,
             previous_event=previous, async_with_compute_stream=async_finish,
@@ -614,8 +619,6 @@ class DeepEPElasticBackend:
         return recv_x
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
-        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
-            async_finish = allocate_on_comm_stream = False
         h = handle if handle.__class__ is ElasticHandle else check_handle(handle, ElasticHandle, self.name)
         key = (_COMBINE, combine_key(x), h.buffer_hidden)
         if key not in self._ok:
@@ -626,7 +629,7 @@ class DeepEPElasticBackend:
         if topk_weights is not None:
             topk_weights = owned_weights(h.recv_topk_idx, topk_weights)
         buffer = h.buffer
-        previous = buffer.capture() if allocate_on_comm_stream else None
+        async_finish, previous, allocate_on_comm_stream = self._stream(buffer, async_finish, allocate_on_comm_stream)
         combined, combined_w, event = buffer.combine(
             x.contiguous(), h.raw, topk_weights=topk_weights, num_sms=0, previous_event=previous,
             async_with_compute_stream=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)

@@ -8,10 +8,11 @@
   drift between DeepEP builds.
 * Dispatch = ``get_dispatch_layout`` then ``dispatch`` (6-tuple); combine's backward = ``dispatch(x,
   handle=...)``; combine = ``combine`` (3-tuple). FP8 ``(e4m3, scales)`` input is passed through.
-* ``async_finish``: like Megatron, ``previous_event=EventOverlap(EventHandle())`` and
-  ``event.current_stream_wait()`` afterwards, so returned tensors are safe on the current stream.
-  ``allocate_on_comm_stream`` is only forwarded together with ``async_finish`` (DeepEP V1 asserts that
-  combination); without it allocation stays on the compute stream, which is always safe.
+* ``async_finish`` / ``allocate_on_comm_stream``: by default DeepEP's synchronous mode, whatever Megatron
+  passes (same stream ordering, less host work: ``_deepep_common.STREAM_OVERLAP_NOTE``). With
+  ``stream_overlap = True``: like Megatron, ``previous_event=EventOverlap(EventHandle())`` and
+  ``event.current_stream_wait()`` afterwards; ``allocate_on_comm_stream`` only together with ``async_finish``
+  (DeepEP V1 asserts that combination).
 * Combine with ``topk_weights`` (dispatch's backward) masks the entries whose expert lives elsewhere
   before the kernel sums over ranks, so each source entry comes from the rank owning its expert.
 * ``EventOverlap``/``EventHandle`` are imported from ``deep_ep.utils``, else ``deep_ep.utils.event``, else
@@ -316,21 +317,22 @@ class DeepEPLegacyBackend:
         return buffer
 
     def _events(self, async_finish: bool, allocate_on_comm_stream: bool):
-        previous = self._EventOverlap(self._EventHandle()) if async_finish else None
-        return previous, bool(allocate_on_comm_stream and async_finish)
+        """``(async_finish, previous_event, allocate_on_comm_stream)`` to pass to DeepEP: Megatron's flags with
+        ``stream_overlap``, else DeepEP's synchronous mode (``_deepep_common.STREAM_OVERLAP_NOTE``)."""
+        if not (self.stream_overlap and async_finish):
+            return False, None, False
+        return True, self._EventOverlap(self._EventHandle()), bool(allocate_on_comm_stream)
 
     # -- operations ----------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
-        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
-            async_finish = allocate_on_comm_stream = False
         key = dispatch_key(x, topk_idx, topk_weights, num_experts, group)
         buffer = self._lookup(key)
         if buffer is None:
             buffer = self._prepare_dispatch(key, x, topk_idx, topk_weights, num_experts, group)
         if topk_idx.dtype is not self._int64:
             topk_idx = topk_idx.long()
-        previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
+        async_finish, previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
         per_rank, per_rdma_rank, per_expert, in_rank, event = buffer.get_dispatch_layout(
             topk_idx, num_experts, previous_event=previous, async_finish=async_finish,
             allocate_on_comm_stream=on_comm)
@@ -346,8 +348,6 @@ class DeepEPLegacyBackend:
         return DispatchResult(recv_x, recv_idx, recv_w, counts_tensor(counts), handle)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
-        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
-            async_finish = allocate_on_comm_stream = False
         h = handle if handle.__class__ is LegacyHandle else check_handle(handle, LegacyHandle, self.name)
         key = (group, _CACHED, combine_key(x))
         buffer = self._lookup(key)
@@ -360,7 +360,7 @@ class DeepEPLegacyBackend:
                 f"dispatch that made the handle), got {tuple(data.shape)}")
         if data is x:
             x = x.contiguous()
-        previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
+        async_finish, previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
         recv_x, _, _, _, _, after = buffer.dispatch(x, handle=h.raw, previous_event=previous,
                                                      async_finish=async_finish, allocate_on_comm_stream=on_comm)
         if async_finish:
@@ -368,8 +368,6 @@ class DeepEPLegacyBackend:
         return recv_x
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
-        if not self.stream_overlap:  # see _deepep_common.STREAM_OVERLAP_NOTE
-            async_finish = allocate_on_comm_stream = False
         h = handle if handle.__class__ is LegacyHandle else check_handle(handle, LegacyHandle, self.name)
         key = (group, _COMBINE, combine_key(x))
         buffer = self._lookup(key)
@@ -380,7 +378,7 @@ class DeepEPLegacyBackend:
             check_combine_args(self.name, x, h.num_recv, h.recv_topk_idx, None)  # raises with the shapes
         if topk_weights is not None:
             topk_weights = owned_weights(h.recv_topk_idx, topk_weights)
-        previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
+        async_finish, previous, on_comm = self._events(async_finish, allocate_on_comm_stream)
         combined, combined_w, after = buffer.combine(
             x.contiguous(), h.raw, topk_weights=topk_weights, previous_event=previous, async_finish=async_finish,
             allocate_on_comm_stream=on_comm)
