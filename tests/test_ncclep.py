@@ -382,7 +382,14 @@ def _steady_state(rank, world, check_each):
                                  torch.ones(200, 2), 8, group)
             except InvalidInputError as exc:
                 big = str(exc)
-        return len(gathers), rows, big
+        bad = None
+        if check_each == "0":  # malformed input once the group is in steady state: raised here, no agreement entered
+            try:
+                backend.dispatch(torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(3, 2, dtype=torch.long),
+                                 torch.ones(3, 2), 8, group)
+            except InvalidInputError as exc:
+                bad = str(exc)
+        return len(gathers), rows, big, bad
     finally:
         dist.all_gather = real
 
@@ -391,10 +398,12 @@ def test_agreement_once_per_shape_by_default(ncclep_emulator):
     ncclep_emulator()
     once = run_ranks(_steady_state, 2, "0")
     each = run_ranks(_steady_state, 2, "1")
-    assert [g for g, _, _ in once] == [1, 1]  # the first dispatch of the shape only
-    assert [g for g, _, _ in each] == [4, 4]
-    assert [r for _, r, _ in once] == [r for _, r, _ in each]  # same rows either way
+    assert [g for g, _, _, _ in once] == [1, 1]  # the first dispatch of the shape only
+    assert [g for g, _, _, _ in each] == [4, 4]
+    assert [r for _, r, _, _ in once] == [r for _, r, _, _ in each]  # same rows either way
     assert "200 tokens on this rank exceed the 128" in once[1][2] and "CHECK_EACH_DISPATCH=1" in once[1][2]
+    for _, _, _, bad in once:
+        assert "malformed dispatch input: topk_idx is not a [num_tokens, topk] integer tensor" in bad
 
 
 def test_auto_without_gin_never_picks_ll(ncclep_emulator):

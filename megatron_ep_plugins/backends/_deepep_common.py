@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional, Union
 
 from ..errors import InvalidInputError
 
-__all__ = ["STREAM_OVERLAP_NOTE", "DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "DEEPEP_V25", "DEEP_EP_V25_MODULE", "ProbeFacts", "counts_tensor",
+__all__ = ["STREAM_OVERLAP_NOTE", "DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "DEEPEP_V25", "DEEP_EP_V25_MODULE", "ProbeFacts",
+           "counts_tensor",
            "agree_on_inputs", "check_combine_args", "check_dispatch_args", "check_gpu", "check_handle",
            "check_torch_deterministic", "combine_key", "cuda_problem", "decode_nccl_version", "deep_ep_api",
            "deep_ep_classes", "deep_ep_version", "device_sm_count", "dispatch_key", "import_event_classes",

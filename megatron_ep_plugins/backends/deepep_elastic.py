@@ -111,10 +111,10 @@ from ..errors import ConfigError, InvalidInputError, RankMismatchError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer, OneOf
 from . import _deepep_common
-from ._deepep_common import (check_token_rows, DEEP_EP_V25_MODULE, ProbeFacts, agree_on_inputs, check_combine_args, check_dispatch_args,
-                             check_gpu, check_handle, counts_tensor, check_torch_deterministic, combine_key,
+from ._deepep_common import (DEEP_EP_V25_MODULE, agree_on_inputs, check_combine_args, check_dispatch_args, check_gpu,
+                             check_handle, check_token_rows, check_torch_deterministic, combine_key, counts_tensor,
                              decode_nccl_version, deep_ep_api, deep_ep_classes, deep_ep_version, device_sm_count,
-                             dispatch_key, module_installed, owned_weights, rule_error)
+                             dispatch_key, module_installed, owned_weights, ProbeFacts, rule_error)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -72,10 +72,10 @@ from ..config import declare, read_int
 from ..errors import ConfigError, InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult, EnvVar, Integer
-from ._deepep_common import (check_token_rows, check_combine_args, check_dispatch_args, check_handle, check_torch_deterministic,
-                             counts_tensor,
-                             combine_key, deep_ep_api, deep_ep_version, dispatch_key, import_event_classes,
-                             owned_weights, probe_deep_ep, rule_error, v25_module_note)
+from ._deepep_common import (check_combine_args, check_dispatch_args, check_handle, check_token_rows,
+                             check_torch_deterministic, combine_key, counts_tensor, deep_ep_api, deep_ep_version,
+                             dispatch_key, import_event_classes, owned_weights, probe_deep_ep, rule_error,
+                             v25_module_note)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -593,7 +593,8 @@ class NcclEpBackend:
         if key is None and any(k[0] is group for k in self._steady):
             # malformed input in steady state: the other ranks are not in an agreement now; raise here (the
             # core's fault propagation stops them), with what the agreement would have said
-            raise InvalidInputError(f"backend 'ncclep': malformed dispatch input: {_FORM_TEXT[_local_form(x, topk_idx, topk_weights, num_experts)]}")
+            problem = _FORM_TEXT[_local_form(x, topk_idx, topk_weights, num_experts)]
+            raise InvalidInputError(f"backend 'ncclep': malformed dispatch input: {problem}")
         agreed = self._agree(x, topk_idx, topk_weights, num_experts, group)
         world = dist.get_world_size(group)
         device = x.device
