@@ -3,8 +3,8 @@
 :func:`build_slot` binds one live backend into three plain functions with exactly the signatures
 of Megatron's ``fused_dispatch``, ``fused_combine`` and ``set_deepep_num_sms``. Everything a call
 needs is decided when the slot is built: the backend is captured in the closure, so a call does no
-plugin lookup, reads no environment variable, imports nothing and adds no device sync. Per call the
-slot costs what Megatron's own ``FusedDispatch``/``FusedCombine`` cost (one
+plugin lookup, reads no environment variable, imports nothing and adds no device sync. Per call with a
+gradient to track, the slot costs what Megatron's own ``FusedDispatch``/``FusedCombine`` cost (one
 ``autograd.Function.apply`` with the same arguments and the same four ``ctx`` attributes) plus one
 set-membership test that runs the once-per-group work (rank-agreement check, fault watcher) the first
 time a process group is seen; ``benchmarks/host_overhead.py`` times both side by side.
@@ -16,6 +16,14 @@ Autograd follows Megatron's ``FusedDispatch``/``FusedCombine``:
 
 Integer outputs (``recv_topk_idx``, ``tokens_per_expert``) are non-differentiable by their dtype, as
 in Megatron; they are not marked by hand (that costs a call per dispatch and changes nothing).
+
+No gradient, no Function: when no gradient can flow through a call (grad mode off, as in evaluation,
+``torch.no_grad`` or ``torch.inference_mode``, or no input that requires grad), the slot calls the backend
+directly and returns the same tuple ``apply`` would (same objects, no ``grad_fn``). ``apply`` is the largest
+host cost the slot has: on the 2 x H200 host one call took 30-45 us more than the Function's body
+(``benchmarks/gpu/trace_slot.py``), against about 3 us in a warm loop on a desktop CPU, and at 256 tokens
+per rank that is a third of a DeepEP dispatch. Training pays it, as it pays Megatron's own ``FusedDispatch``;
+evaluation and inference no longer do. The test costs two attribute reads and one C call.
 
 Failures: when a slot function raises on one rank, :mod:`megatron_ep_plugins.faults` publishes it
 so the other ranks of the group stop instead of waiting in the collective (``MCORE_EP_FAULT_PROPAGATION``,
@@ -125,6 +133,7 @@ def build_slot(backend: EPBackend, check_group: Optional[Callable[[Any], None]] 
     bound = _Bound(backend, reporter)
     seen: set[Any] = set()
     apply_dispatch, apply_combine = _Dispatch.apply, _Combine.apply
+    grad_enabled = torch.is_grad_enabled
 
     def first_dispatch(group) -> None:
         if reporter is not None:
@@ -138,8 +147,15 @@ def build_slot(backend: EPBackend, check_group: Optional[Callable[[Any], None]] 
         try:
             if group not in seen:
                 first_dispatch(group)
-            return apply_dispatch(x.contiguous(), token_indices, token_probs, num_experts, group,
-                                  async_finish, allocate_on_comm_stream, bound)
+            x = x.contiguous()
+            if grad_enabled() and (x.requires_grad or getattr(token_probs, "requires_grad", False)):
+                return apply_dispatch(x, token_indices, token_probs, num_experts, group,
+                                      async_finish, allocate_on_comm_stream, bound)
+            # no gradient can flow: the Function's body without the Function (module docstring)
+            recv_x, recv_idx, recv_w, counts, handle = backend.dispatch(
+                x, token_indices, token_probs, num_experts, group,
+                async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+            return recv_x, recv_idx, recv_w, counts, handle
         except Exception as exc:
             if reporter is not None:
                 reporter.report(exc, OP_DISPATCH, group)
@@ -147,7 +163,11 @@ def build_slot(backend: EPBackend, check_group: Optional[Callable[[Any], None]] 
 
     def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
         try:
-            return apply_combine(x, group, handle, async_finish, allocate_on_comm_stream, bound)
+            if grad_enabled() and getattr(x, "requires_grad", False):
+                return apply_combine(x, group, handle, async_finish, allocate_on_comm_stream, bound)
+            combined, _ = backend.combine(x, handle, group, async_finish=async_finish,
+                                          allocate_on_comm_stream=allocate_on_comm_stream)
+            return combined, None
         except Exception as exc:
             if reporter is not None:
                 reporter.report(exc, OP_COMBINE, group)

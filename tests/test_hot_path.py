@@ -131,6 +131,61 @@ def test_dispatch_backward_with_unused_probs_gets_zero_weights_like_megatron():
     assert torch.equal(x.grad, backend.combined)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "inputs_without_grad"])
+def test_without_a_gradient_to_track_the_slot_calls_the_backend_without_a_function(mode):
+    # what apply would return, minus the autograd node: the backend's own objects, passed through
+    backend, group = _RecordingBackend(), _Group()
+    slot = build_slot(backend)
+    x, idx, probs = _inputs(requires_grad=mode != "inputs_without_grad")
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
+    seen_out = []
+    real_dispatch, real_combine = backend.dispatch, backend.combine
+    backend.dispatch = lambda *a, **k: seen_out.append(real_dispatch(*a, **k)) or seen_out[-1]
+    backend.combine = lambda *a, **k: seen_out.append(real_combine(*a, **k)) or seen_out[-1]
+    with ctx():
+        out = slot.fused_dispatch(x, idx, probs, E, group, True, True)
+        y = out[0] * 2
+        combined = slot.fused_combine(y, group, out[4], True, True)
+    assert type(out) is tuple and len(out) == 5 and all(a is b for a, b in zip(out, seen_out[0]))
+    assert type(combined) is tuple and combined[0] is seen_out[1][0] and combined[1] is None
+    assert all(t.grad_fn is None for t in (out[0], out[2], combined[0]))
+    assert [c[0] for c in backend.calls] == ["dispatch", "combine"]
+    assert backend.calls[0][1] is x and backend.calls[0][4:] == (E, group, True, True)
+    assert backend.calls[1][2:] == (out[4], group, None, True, True)
+
+
+def test_a_gradient_on_either_input_keeps_the_function():
+    backend, group = _RecordingBackend(), _Group()
+    slot = build_slot(backend)
+    x, idx, probs = _inputs(requires_grad=False)
+    probs.requires_grad_(True)  # only the router's probabilities carry a gradient
+    recv_x, _, recv_w, _, handle = slot.fused_dispatch(x, idx, probs, E, group)
+    assert recv_w.grad_fn is not None and recv_x.grad_fn is not None  # one node for all float outputs
+    recv_w.sum().backward()
+    assert [c[0] for c in backend.calls] == ["dispatch", "combine"]  # dispatch backward ran
+    assert torch.equal(probs.grad, backend.combined_w)
+    # combine of a tensor that needs no gradient: no node; of one that does: the Function
+    assert slot.fused_combine(recv_x.detach(), group, handle)[0].grad_fn is None
+    assert slot.fused_combine(recv_x, group, handle)[0].grad_fn is not None
+
+
+def test_failures_without_a_gradient_reach_the_caller_and_the_fault_reporter(monkeypatch):
+    reported = []
+    monkeypatch.setattr("megatron_ep_plugins.autograd.FaultReporter.report",
+                        lambda self, exc, op, group: reported.append((type(exc), op)))
+    for op in ("dispatch", "combine"):
+        slot, group = build_slot(_RecordingBackend(fail_in=op)), _Group()
+        with torch.no_grad(), pytest.raises(InvalidInputError, match=f"^{op} refused"):
+            _round_trip_no_grad(slot, group)
+    assert reported == [(InvalidInputError, "dispatch"), (InvalidInputError, "combine")]
+
+
+def _round_trip_no_grad(slot, group):
+    x, idx, probs = _inputs(requires_grad=False)
+    recv_x, _, _, _, handle = slot.fused_dispatch(x, idx, probs, E, group)
+    return slot.fused_combine(recv_x, group, handle)
+
+
 def test_once_per_group_work_runs_once_per_group():
     checked: list = []
     slot = build_slot(_RecordingBackend(), checked.append)

@@ -108,3 +108,43 @@ def test_deepep_adapters_inside_megatron_moe_layer_match_the_reference():
             # bf16 model: same routing and rows; only the fp32 sum order of combine may differ
             assert r["out"] < 1e-2 and r["dx"] < 1e-2, (rank, name, r)
             assert r["grads"] and max(r["grads"].values()) < 2e-2, (rank, name, r["grads"])
+
+
+def _bench_paths_rank(rank, world):
+    """ep_bench's timed paths for `legacy`, both modes: the slot and Megatron's own FusedDispatch/FusedCombine."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    _enable_emulator("v2")
+    from megatron_ep_plugins.autograd import build_slot
+    from megatron_ep_plugins.backends.deepep_legacy import DeepEPLegacyBackend
+    from megatron_ep_plugins.bench import measure
+
+    with _gpu_probes_pass():
+        backend = DeepEPLegacyBackend()
+    slot = build_slot(backend)
+    slot.set_deepep_num_sms(20)
+    args = SimpleNamespace(num_sms=20, iters=2, warmup=1, device="cpu")
+    gen = torch.Generator().manual_seed(11 + rank)
+    T, E, K = 8 + rank, 8, 2
+    x = torch.randn(T, HIDDEN, generator=gen).to(torch.bfloat16)
+    idx = torch.rand(T, E, generator=gen).topk(K, dim=1).indices
+    probs = torch.rand(T, K, generator=gen)
+    group = dist.group.WORLD
+    out = {}
+    for autograd in (False, True):
+        td, tc, recv_x = measure.timing_plugin(slot, x, idx, probs, E, group, rank, args, autograd=autograd)
+        md, mc, have = measure.timing_megatron_legacy(backend, x, idx, probs, E, group, rank, args, autograd=autograd)
+        out[autograd] = {"plugin": [len(td), len(tc), min(td + tc) > 0], "rows": recv_x.shape[0],
+                         "megatron": [len(md), len(mc), min(md + mc) > 0], "leaf_untouched": not x.requires_grad}
+    return out
+
+
+def test_bench_times_the_plugin_and_megatrons_path_with_and_without_autograd():
+    for per_rank in run_ranks(_bench_paths_rank, 2, timeout=120):
+        for autograd in (False, True):
+            r = per_rank[autograd]
+            assert r["plugin"] == [2, 2, True] and r["megatron"] == [2, 2, True], (autograd, r)
+            assert r["rows"] > 0 and r["leaf_untouched"]

@@ -84,12 +84,26 @@ def summarize(times):
             "min_us": min(times) * 1e6}
 
 
-def timing_plugin(slot, x_in, idx, probs, E, group, rank, args):
+def grad_mode(autograd: bool):
+    """``torch.enable_grad()`` for the training path (the slot's and Megatron's autograd Functions build their
+    nodes), ``torch.no_grad()`` for the evaluation path (the slot then calls the adapter without a Function)."""
     import torch
 
-    with torch.no_grad():
+    return torch.enable_grad() if autograd else torch.no_grad()
+
+
+def leaf(t, autograd: bool):
+    """``t`` as a leaf that requires grad (training path) or ``t`` itself."""
+    return t.detach().requires_grad_(True) if autograd else t
+
+
+def timing_plugin(slot, x_in, idx, probs, E, group, rank, args, autograd=False):
+    """The slot's calls; ``autograd``: with inputs that require grad, as in training (the backward is not run:
+    its calls are the same kernels, timed by the conformance round trip's correctness only)."""
+    x_in, probs = leaf(x_in, autograd), leaf(probs, autograd)
+    with grad_mode(autograd):
         first = slot.fused_dispatch(x_in, idx, probs, E, group)
-        y = expert_output(first[0], rank)
+        y = leaf(expert_output(first[0].detach(), rank), autograd)
 
         def d():
             return slot.fused_dispatch(x_in, idx, probs, E, group)[4]
@@ -98,7 +112,7 @@ def timing_plugin(slot, x_in, idx, probs, E, group, rank, args):
             return slot.fused_combine(y, group, handle)
 
         td, tc = time_pair(d, c, args.iters, args.warmup, args.device, group)
-    return td, tc, first[0]
+    return td, tc, first[0].detach()
 
 
 def plugin_buffer(backend, group):
@@ -255,7 +269,7 @@ def timing_direct_hybridep(backend, x_in, idx, probs, E, group, rank, args):
         return time_pair(d, c, args.iters, args.warmup, args.device, group)
 
 
-def timing_megatron_legacy(backend, x_in, idx, probs, E, group, rank, args):
+def timing_megatron_legacy(backend, x_in, idx, probs, E, group, rank, args, autograd=False):
     """Megatron-Core's own path: ``fused_a2a.FusedDispatch``/``FusedCombine`` (the autograd Functions its
     ``fused_dispatch``/``fused_combine`` call, over its own ``get_buffer`` DeepEP V1 Buffer), exactly what a
     job runs without this plugin. With DeepEP 2.x, stock Megatron 0.19 reports ``HAVE_DEEP_EP=False`` (it
@@ -275,12 +289,13 @@ def timing_megatron_legacy(backend, x_in, idx, probs, E, group, rank, args):
             fa.Buffer = deep_ep.Buffer
             fa.EventOverlap, fa.EventHandle = import_event_classes()
         fa.Buffer.set_num_sms(args.num_sms)
-        with torch.no_grad():
+        x_in, probs = leaf(x_in, autograd), leaf(probs, autograd)
+        with grad_mode(autograd):
             def d():
                 return fa.FusedDispatch.apply(x_in.contiguous(), idx, probs, E, group, False, False)[4]
 
             recv_x = fa.FusedDispatch.apply(x_in.contiguous(), idx, probs, E, group, False, False)[0]
-            y = expert_output(recv_x, rank)
+            y = leaf(expert_output(recv_x.detach(), rank), autograd)
 
             def c(handle):
                 return fa.FusedCombine.apply(y, group, handle, False, False)
@@ -475,6 +490,9 @@ def bench_backend(cand, made, ref, blocks, inputs, args, rank, world, group):
         td, tc, recv_x = timing_plugin(slot, x_in, idx, probs, E, group, rank, args)
         rows = (recv_x[0] if isinstance(recv_x, tuple) else recv_x).shape[0]
         res["plugin"] = {"dispatch": summarize(td), "combine": summarize(tc)}
+        if not args.fp8:  # the training path: inputs that require grad, so the slot's Functions run
+            td, tc, _ = timing_plugin(slot, x_in, idx, probs, E, group, rank, args, autograd=True)
+            res["plugin_autograd"] = {"dispatch": summarize(td), "combine": summarize(tc)}
         res["recv_rows"] = rows
         direct = DIRECT.get(name)
         # auto: on CUDA; the torch floor (plain collectives) also on CPU
@@ -491,6 +509,8 @@ def bench_backend(cand, made, ref, blocks, inputs, args, rank, world, group):
                 args.megatron == "on" or (args.megatron == "auto" and args.device == "cuda")):
             md, mc, have = megatron(backend, x_in, idx, probs, E, group, rank, args)
             res["megatron"] = {"dispatch": summarize(md), "combine": summarize(mc)}
+            md, mc, _ = megatron(backend, x_in, idx, probs, E, group, rank, args, autograd=True)
+            res["megatron_autograd"] = {"dispatch": summarize(md), "combine": summarize(mc)}
             res["megatron_have_deep_ep"] = have
         res["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - recorded; the other backends still run
@@ -639,12 +659,16 @@ def derive(results):
             r["plugin_overhead_pct"] = (p / d - 1) * 100
             for op in ("dispatch", "combine"):
                 r[f"plugin_over_direct_{op}"] = r["direct"][op]["median_us"] / r["plugin"][op]["median_us"]
-        m = total(r, "megatron")
-        if p and m:
-            r["plugin_over_megatron"] = m / p
-            for op in ("dispatch", "combine"):  # host cost per call the plugin adds over Megatron's own path
-                r[f"plugin_minus_megatron_{op}_us"] = (r["plugin"][op]["median_us"]
-                                                       - r["megatron"][op]["median_us"])
+        for suffix in ("", "_autograd"):  # evaluation path (no_grad), training path (inputs require grad)
+            p_, m = total(r, "plugin" + suffix), total(r, "megatron" + suffix)
+            if p_ and m:
+                r[f"plugin_over_megatron{suffix}"] = m / p_
+                for op in ("dispatch", "combine"):  # host cost per call the plugin adds over Megatron's own path
+                    r[f"plugin_minus_megatron{suffix}_{op}_us"] = (r["plugin" + suffix][op]["median_us"]
+                                                                   - r["megatron" + suffix][op]["median_us"])
+        pa = total(r, "plugin_autograd")
+        if pa and d:
+            r["plugin_autograd_over_direct"] = d / pa
         dc = total(r, "direct_counts")
         if p and dc:
             r["plugin_over_direct_counts"] = dc / p

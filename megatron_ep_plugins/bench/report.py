@@ -33,10 +33,25 @@ def _conformance(r):
     return "pass" if c["passed"] else "FAIL: " + ", ".join(k for k, x in c["checks"].items() if not x["ok"])
 
 
+def _autograd(r):
+    """The training path (inputs require grad, so both sides run their autograd Functions): plugin d+c us, then
+    Megatron's when measured, then plugin/direct on that path."""
+    if "plugin_autograd" not in r:
+        return "-"
+    p = _us(r, "plugin_autograd", "dispatch") + _us(r, "plugin_autograd", "combine")
+    text = _f(p)
+    if "megatron_autograd" in r:
+        text += " / " + _f(_us(r, "megatron_autograd", "dispatch") + _us(r, "megatron_autograd", "combine"))
+    if "plugin_autograd_over_direct" in r:
+        text += f" (plugin/direct {r['plugin_autograd_over_direct']:.3f})"
+    return text
+
+
 def markdown(report):
     cols = ["backend", "status", "conformance", "dispatch us", "combine us", "dispatch GB/s", "combine GB/s",
             "direct dispatch us", "direct combine us", "plugin/direct", "megatron dispatch us",
-            "megatron combine us", "plugin-megatron us (d / c)", "vs torch", "notes"]
+            "megatron combine us", "plugin-megatron us (d / c)", "with autograd: plugin / megatron d+c us",
+            "vs torch", "notes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in report["results"] if "sweep" not in report else []:
         if r["status"] != "ok":
@@ -69,7 +84,7 @@ def markdown(report):
             _f(p["dispatch"].get("gbps"), "{:.3g}"), _f(p["combine"].get("gbps"), "{:.3g}"),
             _f(_us(r, "direct", "dispatch")), _f(_us(r, "direct", "combine")),
             _f(r.get("plugin_over_direct"), "{:.3f}"),
-            _f(_us(r, "megatron", "dispatch")), _f(_us(r, "megatron", "combine")), pm,
+            _f(_us(r, "megatron", "dispatch")), _f(_us(r, "megatron", "combine")), pm, _autograd(r),
             _f(r.get("speedup_vs_torch"), "{:.2f}x"), notes]) + " |")
     if "sweep" in report:
         lines = sweep_markdown(report)
@@ -78,14 +93,15 @@ def markdown(report):
 
 def sweep_markdown(report):
     cols = ["backend", "tokens/rank", "conformance", "dispatch us", "combine us", "direct d+c us", "plugin/direct",
-            "megatron d+c us", "plugin-megatron us (d / c)", "us per 1k tokens (plugin d+c)"]
+            "megatron d+c us", "plugin-megatron us (d / c)", "with autograd: plugin / megatron d+c us",
+            "us per 1k tokens (plugin d+c)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     rows = sorted((r for run in report["sweep"] for r in run["results"]),
                   key=lambda r: (r["backend"], r["tokens_per_rank"]))
     for r in rows:
         if r["status"] != "ok":
             why = (r.get("reason") or r.get("error", "")).replace("|", "/")
-            lines.append(f"| {r['backend']} | {r['tokens_per_rank']} | {r['status']}: {why} |" + " - |" * 7)
+            lines.append(f"| {r['backend']} | {r['tokens_per_rank']} | {r['status']}: {why} |" + " - |" * (len(cols) - 3))
             continue
         p = _us(r, "plugin", "dispatch") + _us(r, "plugin", "combine")
         d = (_us(r, "direct", "dispatch") or 0) + (_us(r, "direct", "combine") or 0) if "direct" in r else None
@@ -97,7 +113,7 @@ def sweep_markdown(report):
         lines.append("| " + " | ".join([
             r["backend"], str(r["tokens_per_rank"]), _conformance(r), _f(_us(r, "plugin", "dispatch")),
             _f(_us(r, "plugin", "combine")), _f(d), _f(r.get("plugin_over_direct"), "{:.3f}"), _f(m), pm,
-            _f(per_k)]) + " |")
+            _autograd(r), _f(per_k)]) + " |")
     return lines
 
 
