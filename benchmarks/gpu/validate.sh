@@ -17,6 +17,10 @@
 #     lease1     one ~9 minute command: GPU tests (DeepEP main tree + nccl.ep, torch backend's graph and sync tests),
 #                ep_bench bf16 T=4096 with torch, legacy, elastic and ncclep in one run, the token sweep, fp8
 #     lease2     the next one: hybridep (GPU test, ep_bench, train_moe), ncclep train_moe, T=8192
+#     lease3a    GPU tests on the main tree (not hybridep, not ncclep), ep_bench bf16 T=4096 with torch, legacy,
+#                elastic and ncclep, the token sweep (each with the training path timed too)
+#     lease3b    hybridep (GPU test, ep_bench, train_moe), trace_slot.py for legacy and elastic, host_gap.py, ncclep
+#                agreeing once, the ncclep GPU test, fp8, T=8192
 #     ncclep_only  NCCL 2.30.7 + nccl.ep, no DeepEP build: ep_bench torch+ncclep (T=256, 4096; bare nccl.ep as
 #                "direct"), tests/test_gpu.py -k ncclep, host_gap.py for torch and ncclep, ncclep agreeing once
 #   Environment: DEEPEP_DIR (/tmp/deepep), HYBRIDEP_DIR (/tmp/hybridep), NCCLEP_SITE (/tmp/ncclep_site),
@@ -152,6 +156,25 @@ for stage in "$@"; do
       step gpu_tests_ncclep 90 $PY -m pytest -v -rA tests/test_gpu.py -k "ncclep" --junitxml "$RES/gpu_tests_ncclep.xml"
       step host_gap 45 env GAP_BACKENDS=torch,ncclep GAP_TOKENS=256,4096 GAP_ITERS=30 $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/host_gap.py
       step bench_ncclep_once 45 env MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH=0 bash -c 'bench --backends ncclep --tokens 256,4096 --iters 20 --warmup 5 --name ncclep_once'
+      ;;
+    lease3a)  # one ~9 minute command: DeepEP main tree + nccl.ep on the path
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"; machine_info
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_deepep.txt" 2>&1
+      step gpu_tests_deepep 200 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "not hybridep and not ncclep" --junitxml "$RES/gpu_tests_deepep.xml"
+      step bench_bf16_T4096 120 bench --backends torch,legacy,elastic,ncclep --iters 30 --name bf16_T4096
+      step bench_sweep 150 bench --backends torch,legacy,elastic --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name sweep
+      ;;
+    lease3b)  # the next one: hybridep's tree, then diagnostics and the rest on the main tree
+      hybridep_steps 110 90 100
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"
+      for b in legacy elastic; do
+        step trace_slot_$b 50 env TRACE_BACKEND=$b TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
+      done
+      step host_gap 40 env GAP_BACKENDS=legacy,elastic,torch GAP_TOKENS=256,4096 GAP_ITERS=30 $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/host_gap.py
+      step bench_ncclep_once 45 env MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH=0 bash -c 'bench --backends ncclep --tokens 256,4096 --iters 20 --warmup 5 --name ncclep_once'
+      step gpu_tests_ncclep 90 $PY -m pytest -v -rA tests/test_gpu.py -k "ncclep" --junitxml "$RES/gpu_tests_ncclep.xml"
+      step bench_fp8_T4096 50 bench --backends legacy,elastic --fp8 --iters 30 --name fp8_T4096
+      step bench_bf16_T8192 50 bench --backends torch,legacy,elastic --tokens 8192 --iters 30 --name bf16_T8192
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
