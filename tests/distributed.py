@@ -151,6 +151,26 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     captured output. ``outcomes=True``: return a :class:`RankOutcome` per rank instead of raising.
     ``expect_failure=True``: the same, and raise ``AssertionError`` if every rank succeeded.
     """
+    for attempt in range(3):
+        results = _launch(fn, world_size, args, timeout, env, backend, grace)
+        # free_port() only finds a port that was free a moment ago: another process may bind it before rank 0's
+        # store does (seen once on the GPU machine). Nothing ran yet then (rank 0 failed in init): launch again.
+        if not any("EADDRINUSE" in (o.error or "") for o in results):
+            break
+    if expect_failure:
+        if all(o.ok for o in results):
+            raise AssertionError("expected a rank to fail, but every rank returned:\n"
+                                 + "\n".join(o.describe() for o in results))
+        return results
+    if outcomes:
+        return results
+    if not all(o.ok for o in results):
+        raise AssertionError("\n".join(o.describe() for o in results if not o.ok or o.stdout or o.stderr))
+    return [o.value for o in results]
+
+
+def _launch(fn, world_size, args, timeout, env, backend, grace) -> list[RankOutcome]:
+    """One launch of ``world_size`` ranks on a fresh rendezvous port: every rank's outcome."""
     ctx = mp.get_context("spawn" if backend == "nccl" else "fork")
     queue = ctx.Queue()
     port = free_port()
@@ -215,14 +235,4 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             outcome.exitcode = procs[r].exitcode if outcome.exitcode is None else outcome.exitcode
             outcome.stdout, outcome.stderr = _read(paths[r][0]), _read(paths[r][1])
         shutil.rmtree(tmp, ignore_errors=True)
-    results = [done[r] for r in range(world_size)]
-    if expect_failure:
-        if all(o.ok for o in results):
-            raise AssertionError("expected a rank to fail, but every rank returned:\n"
-                                 + "\n".join(o.describe() for o in results))
-        return results
-    if outcomes:
-        return results
-    if not all(o.ok for o in results):
-        raise AssertionError("\n".join(o.describe() for o in results if not o.ok or o.stdout or o.stderr))
-    return [o.value for o in results]
+    return [done[r] for r in range(world_size)]

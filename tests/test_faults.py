@@ -389,3 +389,29 @@ def _rank_hangs(rank, world):
 def test_run_ranks_kills_hung_ranks_at_the_timeout():
     out = run_ranks(_rank_hangs, 2, outcomes=True, timeout=3)
     assert [o.status for o in out] == ["hung", "hung"] and all("_rank_hangs" in o.stderr for o in out)
+
+
+def _rank_world_size(rank, world):
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def test_run_ranks_launches_again_when_its_rendezvous_port_was_taken(monkeypatch):
+    import socket
+
+    import distributed
+
+    squatter = socket.socket()  # another process took the port between free_port() and rank 0's bind
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    ports = [squatter.getsockname()[1]]
+    real, launches = distributed.free_port, []
+    monkeypatch.setattr(distributed, "free_port", lambda: ports.pop() if ports else real())
+    real_launch = distributed._launch
+    monkeypatch.setattr(distributed, "_launch", lambda *a: launches.append(real_launch(*a)) or launches[-1])
+    try:
+        assert run_ranks(_rank_world_size, 2, timeout=60) == [2, 2]
+    finally:
+        squatter.close()
+    assert len(launches) == 2 and "EADDRINUSE" in launches[0][0].error  # the taken port failed, then a new one
