@@ -139,6 +139,11 @@ def _bench_paths_rank(rank, world):
         md, mc, have = measure.timing_megatron_legacy(backend, x, idx, probs, E, group, rank, args, autograd=autograd)
         out[autograd] = {"plugin": [len(td), len(tc), min(td + tc) > 0], "rows": recv_x.shape[0],
                          "megatron": [len(md), len(mc), min(md + mc) > 0], "leaf_untouched": not x.requires_grad}
+    # FP8 input (the (e4m3, scales) pair), as `ep_bench --fp8` times it: through the adapter, no autograd
+    scales = torch.ones(T, HIDDEN // 128)
+    fp8 = (x.float().to(torch.float8_e4m3fn), scales)
+    td, tc, recv_x = measure.timing_plugin(measure.AdapterSlot(backend), fp8, idx, probs, E, group, rank, args)
+    out["fp8"] = {"plugin": [len(td), len(tc)], "pair": isinstance(recv_x, tuple) and len(recv_x) == 2}
     return out
 
 
@@ -148,3 +153,4 @@ def test_bench_times_the_plugin_and_megatrons_path_with_and_without_autograd():
             r = per_rank[autograd]
             assert r["plugin"] == [2, 2, True] and r["megatron"] == [2, 2, True], (autograd, r)
             assert r["rows"] > 0 and r["leaf_untouched"]
+        assert per_rank["fp8"] == {"plugin": [2, 2], "pair": True}

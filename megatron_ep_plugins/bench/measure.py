@@ -100,10 +100,11 @@ def leaf(t, autograd: bool):
 def timing_plugin(slot, x_in, idx, probs, E, group, rank, args, autograd=False):
     """The slot's calls; ``autograd``: with inputs that require grad, as in training (the backward is not run:
     its calls are the same kernels, timed by the conformance round trip's correctness only)."""
-    x_in, probs = leaf(x_in, autograd), leaf(probs, autograd)
+    x_in, probs = leaf(x_in, autograd), leaf(probs, autograd)  # (FP8 input, a tuple, is timed without autograd)
     with grad_mode(autograd):
         first = slot.fused_dispatch(x_in, idx, probs, E, group)
-        y = leaf(expert_output(first[0].detach(), rank), autograd)
+        recv_x = first[0] if isinstance(first[0], tuple) else first[0].detach()
+        y = leaf(expert_output(recv_x, rank), autograd)
 
         def d():
             return slot.fused_dispatch(x_in, idx, probs, E, group)[4]
@@ -112,7 +113,7 @@ def timing_plugin(slot, x_in, idx, probs, E, group, rank, args, autograd=False):
             return slot.fused_combine(y, group, handle)
 
         td, tc = time_pair(d, c, args.iters, args.warmup, args.device, group)
-    return td, tc, first[0].detach()
+    return td, tc, recv_x
 
 
 def plugin_buffer(backend, group):
