@@ -208,6 +208,28 @@ def test_matches_reference(deepep_emulator, backend_name, world, scenarios, flag
     assert counts == [len(scenarios) * len(flags)] * world
 
 
+def _hybridep_row_width(rank, world):
+    import torch.distributed as dist
+
+    backend = make_backend("hybridep")
+    _round_trip(backend, dist.group.WORLD, 6 + rank, HIDDEN, topk=4)
+    return backend._groups[dist.group.WORLD].width, backend.agreement_key()["row_width_align"]
+
+
+def test_hybridep_rows_can_keep_a_wider_alignment(deepep_emulator, monkeypatch):
+    from megatron_ep_plugins.backends.hybridep import HybridEPBackend
+    from megatron_ep_plugins.errors import ConfigError
+
+    deepep_emulator("v1")
+    env = {"MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN": "128"}
+    assert run_ranks(_compare, 2, "hybridep", ["uneven_masked", "k4"], [(False, False)], env=env) == [2, 2]
+    assert run_ranks(_hybridep_row_width, 2, env=env) == [(HIDDEN + 128, 128)] * 2  # 4 id columns padded to 128
+    assert run_ranks(_hybridep_row_width, 2) == [(HIDDEN + 16, 16)] * 2  # default: padded to 16
+    monkeypatch.setenv("MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN", "24")
+    with pytest.raises(ConfigError, match="ROW_WIDTH_ALIGN=24 must be a multiple of 16"):
+        HybridEPBackend()
+
+
 # The elastic adapter on each DeepEP API generation it drives (the emulator's v2 = ElasticBuffer 2.0-2.1, v25 =
 # EPBuffer of DeepEP 2.5), as deep_ep or as the sgl-deep-ep-v25 wheel's deep_ep_v25, with even and odd SM counts.
 @pytest.mark.parametrize("api, module, world, scenarios, flags, num_sms", [

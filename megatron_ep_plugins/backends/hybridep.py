@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ..config import declare, read_bool, read_int
-from ..errors import InvalidInputError
+from ..errors import ConfigError, InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer
 from ._deepep_common import (agree_on_inputs, check_dispatch_args, check_handle, device_sm_count, dispatch_key,
@@ -171,6 +171,10 @@ class HybridEPBackend:
 
     def __init__(self) -> None:
         self._pinned = read_int("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", minimum=1)
+        self._width_align = read_int("MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN", minimum=_ID_COL_ALIGN) or _ID_COL_ALIGN
+        if self._width_align % _ID_COL_ALIGN:
+            raise ConfigError(f"MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN={self._width_align} must be a multiple of "
+                              f"{_ID_COL_ALIGN} (HybridEP's bf16 rows need hidden_dim % 16 == 0), e.g. 16 or 128")
         self._check_each = read_bool("MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH")
         self._agreed: set = set()  # dispatch keys agreed across ranks once (unless check-each)
         # HybridEP's own knobs (read by its C++ Configurer); only used here to predict its validity rules
@@ -197,7 +201,8 @@ class HybridEPBackend:
         self.num_sms = num_sms  # used for the next buffer (HybridEP fixes SM counts at construction)
 
     def agreement_key(self) -> Mapping[str, Any]:
-        return {"algorithm": "deep_ep.HybridEPBuffer", "max_tokens_per_rank": self._pinned, "num_sms": self.num_sms}
+        return {"algorithm": "deep_ep.HybridEPBuffer", "max_tokens_per_rank": self._pinned, "num_sms": self.num_sms,
+                "row_width_align": self._width_align}
 
     def _state(self, group) -> _GroupState:
         st = self._groups.get(group)
@@ -289,8 +294,8 @@ class HybridEPBackend:
                                  self._chunk_dispatch, self._chunk_combine, num_sms=self.num_sms,
                                  device_sms=device_sm_count(device))
             self._ok.add(key)
-        id_cols = -(-topk // _ID_COL_ALIGN) * _ID_COL_ALIGN
-        width = hidden + id_cols
+        width = -(-(hidden + topk) // self._width_align) * self._width_align  # hidden % 16 == 0 (checked above)
+        id_cols = width - hidden
         self._get_buffer(group, st, max_t, width, local, hidden, num_experts)
         buffer, me = st.buffer, st.rank
 
@@ -400,6 +405,9 @@ SETTINGS = declare(
            "ranks at every dispatch (one small all_reduce + host sync), padding every rank to the largest T of "
            "that dispatch; `0`: once per input shape, then every rank pads to the buffer's capacity and a larger "
            "batch is a local error naming `MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK`.", Boolean()),
+    EnvVar("MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN", "16", "Rows travel as hidden + expert-id columns; their width is "
+           "rounded up to a multiple of this many elements (a multiple of 16; e.g. 128 keeps hidden 7168's 256-byte "
+           "alignment at the cost of 112 more columns).", Integer(16, 4096)),
 )
 
 
