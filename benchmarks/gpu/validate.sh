@@ -21,6 +21,8 @@
 #                elastic and ncclep, the token sweep (each with the training path timed too)
 #     lease3b    hybridep (GPU test, ep_bench, train_moe), trace_slot.py for legacy and elastic, host_gap.py, ncclep
 #                agreeing once, the ncclep GPU test, fp8, T=8192
+#     lease4     FP8 (legacy, elastic), ncclep agreeing once with MAX_TOKENS pinned, trace_slot.py for hybridep at
+#                T=4096, hybridep with 128-aligned rows
 #     ncclep_only  NCCL 2.30.7 + nccl.ep, no DeepEP build: ep_bench torch+ncclep (T=256, 4096; bare nccl.ep as
 #                "direct"), tests/test_gpu.py -k ncclep, host_gap.py for torch and ncclep, ncclep agreeing once
 #   Environment: DEEPEP_DIR (/tmp/deepep), HYBRIDEP_DIR (/tmp/hybridep), NCCLEP_SITE (/tmp/ncclep_site),
@@ -175,6 +177,15 @@ for stage in "$@"; do
       step gpu_tests_ncclep 90 $PY -m pytest -v -rA tests/test_gpu.py -k "ncclep" --junitxml "$RES/gpu_tests_ncclep.xml"
       step bench_fp8_T4096 50 bench --backends legacy,elastic --fp8 --iters 30 --name fp8_T4096
       step bench_bf16_T8192 50 bench --backends torch,legacy,elastic --tokens 8192 --iters 30 --name bf16_T8192
+      ;;
+    lease4)  # a short last command: FP8, nccl.ep agreeing once with a pinned size, hybridep's time per piece
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"
+      step bench_fp8_T4096 50 bench --backends legacy,elastic --fp8 --iters 30 --name fp8_T4096
+      step bench_ncclep_once 45 env MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH=0 MCORE_EP_NCCLEP_MAX_TOKENS_PER_RANK=4096 bash -c 'bench --backends ncclep --tokens 256,4096 --iters 20 --warmup 5 --name ncclep_once'
+      for i in $(seq 60); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$HYBRIDEP_DIR"
+      step trace_slot_hybridep 50 env TRACE_BACKEND=hybridep TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
+      step bench_hybridep_align128 50 env MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN=128 bash -c 'bench --backends hybridep --iters 30 --name hybridep_align128_T4096'
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
