@@ -20,9 +20,9 @@ in Megatron; they are not marked by hand (that costs a call per dispatch and cha
 No gradient, no Function: when no gradient can flow through a call (grad mode off, as in evaluation,
 ``torch.no_grad`` or ``torch.inference_mode``, or no input that requires grad), the slot calls the backend
 directly and returns the same tuple ``apply`` would (same objects, no ``grad_fn``). ``apply`` is the largest
-host cost the slot has: on the 2 x H200 host one call took 30-45 us more than the Function's body
-(``benchmarks/gpu/trace_slot.py``), against about 3 us in a warm loop on a desktop CPU, and at 256 tokens
-per rank that is a third of a DeepEP dispatch. Training pays it, as it pays Megatron's own ``FusedDispatch``;
+host cost the slot has: on the 2 x H200 host a cold call took 36-52 us more than the Function's body, 40-90 us
+around a DeepEP call (``benchmarks/gpu/trace_slot.py``), against about 3 us in a warm loop on a desktop CPU;
+at 256 tokens per rank that is a third of a DeepEP dispatch. Training pays it, as it pays Megatron's own ``FusedDispatch``;
 evaluation and inference no longer do. The test costs two attribute reads and one C call.
 
 Failures: when a slot function raises on one rank, :mod:`megatron_ep_plugins.faults` publishes it
