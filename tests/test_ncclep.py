@@ -610,3 +610,13 @@ if __name__ == "__main__":
         gpu_check(int(os.environ.get("NCCLEP_GPUS", torch.cuda.device_count())))
     else:
         print(__doc__)
+
+
+def test_the_stream_pointer_comes_from_torchs_raw_getter_without_a_stream_object(monkeypatch):
+    from megatron_ep_plugins.backends import ncclep
+
+    asked = []
+    monkeypatch.setattr(ncclep, "_RAW_STREAM", lambda index: asked.append(index) or 0xABC0 + index)
+    backend = object.__new__(ncclep.NcclEpBackend)  # _stream reads no state
+    assert backend._stream(torch.device("cuda", 1)) == 0xABC1 and asked == [1]
+    assert backend._stream(torch.device("cpu")) == 0 and asked == [1]

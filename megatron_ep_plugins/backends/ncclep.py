@@ -64,7 +64,7 @@ from ..config import current_environ, declare, read_bool, read_int, read_str
 from ..errors import ConfigError, EPPluginError, InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer, OneOf
-from ._deepep_common import check_handle, cuda_problem
+from ._deepep_common import check_handle, counts_tensor, cuda_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -190,17 +190,34 @@ class _Steady:
 
 
 def _steady_key(x, topk_idx, topk_weights, num_experts, group) -> Optional[tuple]:
-    """The agreement's cache key (every value but T, which may differ by rank), or None for malformed input."""
-    if _local_form(x, topk_idx, topk_weights, num_experts):
+    """The agreement's cache key: every value but T (which may differ by rank), the form checks' facts as values
+    and booleans, or None when the arguments are not even tensor-like. Attribute reads only (the dispatch's hot
+    path); only keys of well-formed input are ever stored, so a stored key vouches for ``_local_form``."""
+    try:
+        if x.__class__ is tuple:
+            return None
+        return (group, num_experts.__class__, num_experts, x.dtype, x.shape[1:], topk_idx.dtype, topk_idx.shape[1:],
+                topk_weights.dtype, topk_idx.shape[0] == x.shape[0], topk_weights.shape == topk_idx.shape, x.device,
+                topk_idx.device, topk_weights.device, bool(x.requires_grad or topk_weights.requires_grad))
+    except (AttributeError, IndexError, TypeError):
         return None
-    return (group, x.shape[1], topk_idx.shape[1], num_experts, x.dtype, topk_idx.dtype, topk_weights.dtype, x.device,
-            bool(x.requires_grad or topk_weights.requires_grad))
 
 
 def _torch():
     import torch
 
     return torch
+
+
+_RAW_STREAM: Any = None  # torch._C._cuda_getCurrentRawStream once looked up; False: this torch lacks it
+
+
+def _raw_stream_getter():
+    """``torch._C._cuda_getCurrentRawStream`` (device index -> the current stream's pointer) or False."""
+    global _RAW_STREAM
+    if _RAW_STREAM is None:
+        _RAW_STREAM = getattr(_torch()._C, "_cuda_getCurrentRawStream", False)
+    return _RAW_STREAM
 
 
 def _local_form(x, topk_idx, topk_weights, num_experts) -> int:
@@ -539,9 +556,10 @@ class NcclEpBackend:
     def _stream(self, device) -> int:
         if device.type != "cuda":
             return 0
-        import torch
-
-        return int(torch.cuda.current_stream(device).cuda_stream)
+        raw = _raw_stream_getter()
+        if raw:  # the pointer itself, no Stream object (per call; torch's own codegen reads it so)
+            return raw(device.index if device.index is not None else _torch().cuda.current_device())
+        return int(_torch().cuda.current_stream(device).cuda_stream)
 
     def _sync(self, device) -> None:
         if device.type == "cuda":
@@ -590,11 +608,11 @@ class NcclEpBackend:
             if entry.algorithm == "ht":
                 return self._dispatch_ht(entry, x, topk_idx, topk_weights, steady.comm, steady.world)
             return self._dispatch_ll(entry, x, topk_idx, topk_weights, steady.comm, steady.world)
-        if key is None and any(k[0] is group for k in self._steady):
+        form = _local_form(x, topk_idx, topk_weights, num_experts)
+        if form and any(k[0] is group for k in self._steady):
             # malformed input in steady state: the other ranks are not in an agreement now; raise here (the
             # core's fault propagation stops them), with what the agreement would have said
-            problem = _FORM_TEXT[_local_form(x, topk_idx, topk_weights, num_experts)]
-            raise InvalidInputError(f"backend 'ncclep': malformed dispatch input: {problem}")
+            raise InvalidInputError(f"backend 'ncclep': malformed dispatch input: {_FORM_TEXT[form]}")
         agreed = self._agree(x, topk_idx, topk_weights, num_experts, group)
         world = dist.get_world_size(group)
         device = x.device
@@ -604,7 +622,7 @@ class NcclEpBackend:
         if algorithm == "ht":
             self._check_ht(agreed, comm, world, max_tokens)
         entry = self._group(group, comm, algorithm, agreed, max_tokens, device)
-        if key is not None and not self.settings.check_each_dispatch:
+        if key is not None and not form and not self.settings.check_each_dispatch:
             self._steady[key] = _Steady(entry, comm, world)
         self.last_algorithm = algorithm
         if algorithm == "ht":
@@ -658,12 +676,13 @@ class NcclEpBackend:
         except BaseException:
             _destroy_quietly(raw)
             raise
-        tokens_per_expert = torch.tensor(host[1:], dtype=torch.int64)
-        recv_idx = recv_idx[:num_recv]
+        tokens_per_expert = counts_tensor(host[1:])
+        if rows != num_recv:  # only T_recv == 0 allocates a spare row (nccl.ep needs one); no views otherwise
+            recv_x, recv_idx, recv_w = recv_x[:num_recv], recv_idx[:num_recv], recv_w[:num_recv]
         handle = self._make_handle(algorithm="ht", raw=raw, entry=entry, recv_topk_idx=recv_idx,
                                    num_tokens=num_tokens, padded_tokens=xs.shape[0], num_recv=num_recv,
                                    recv_rows=rows, hidden=hidden)
-        return DispatchResult(recv_x[:num_recv], recv_idx, recv_w[:num_recv], tokens_per_expert, handle)
+        return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
 
     def _dispatch_ll(self, entry, x, topk_idx, topk_weights, comm, world) -> DispatchResult:
         import torch
@@ -770,7 +789,7 @@ class NcclEpBackend:
         if topk_weights is None:
             h.raw.combine(ep.CombineInputs(tokens=ep.Tensor(rows)), ep.CombineOutputs(tokens=ep.Tensor(out)),
                           config=ep.CombineConfig(pass_direction=ep.PassDir.FWD), stream=stream)
-            return out[:h.num_tokens], None
+            return (out if h.padded_tokens == h.num_tokens else out[:h.num_tokens]), None
         # dispatch's backward: each entry has one owner; zero the entries this rank does not own
         w = torch.where(h.recv_topk_idx >= 0, topk_weights.float(), 0.0)
         if h.num_recv != h.recv_rows:
