@@ -23,6 +23,8 @@
 #                agreeing once, the ncclep GPU test, fp8, T=8192
 #     lease4     FP8 (legacy, elastic), ncclep agreeing once with MAX_TOKENS pinned, trace_slot.py for hybridep at
 #                T=4096, hybridep with 128-aligned rows
+#     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
+#                the torch backend's one-host-sync GPU test
 #     ncclep_only  NCCL 2.30.7 + nccl.ep, no DeepEP build: ep_bench torch+ncclep (T=256, 4096; bare nccl.ep as
 #                "direct"), tests/test_gpu.py -k ncclep, host_gap.py for torch and ncclep, ncclep agreeing once
 #   Environment: DEEPEP_DIR (/tmp/deepep), HYBRIDEP_DIR (/tmp/hybridep), NCCLEP_SITE (/tmp/ncclep_site),
@@ -186,6 +188,11 @@ for stage in "$@"; do
       tree "$HYBRIDEP_DIR"
       step trace_slot_hybridep 50 env TRACE_BACKEND=hybridep TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
       step bench_hybridep_align128 50 env MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN=128 bash -c 'bench --backends hybridep --iters 30 --name hybridep_align128_T4096'
+      ;;
+    lease5)  # nccl.ep only, no DeepEP build running (host-bound numbers): ncclep agreeing once after its hot-path trim
+      export PYTHONPATH=$ROOT:$NCCLEP_SITE${PYTHONPATH:+:$PYTHONPATH}; machine_info
+      step bench_ncclep_once 70 env MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH=0 MCORE_EP_NCCLEP_MAX_TOKENS_PER_RANK=4096 bash -c 'bench --backends ncclep --tokens 256,4096 --iters 30 --warmup 5 --name ncclep_once'
+      step gpu_tests_torch_sync 45 $PY -m pytest -v -rA tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
