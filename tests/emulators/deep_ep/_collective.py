@@ -129,6 +129,22 @@ def _raise_if_any(group, error: Optional[str], exc=AssertionError) -> None:
         raise exc("; ".join(f"rank {r}: {e}" for r, e in bad))
 
 
+def _cached_dispatch_rows(group, data, sf, handle):
+    """A V2/V2.5 dispatch along a cached handle (collective): each received row from its source rank and token, as
+    the handle's ``recv_src_metadata`` records them; returns ``(rows, scales or None)``."""
+    assert data.shape[0] == handle.topk_idx.shape[0], "cached dispatch: token count differs from the handle's"
+    gathered = _gather_rows(group, [data] + ([sf] if sf is not None else []))
+    src_rank, src_idx = handle.recv_src_metadata[:, 0], handle.recv_src_metadata[:, 1]
+    recv = torch.empty(handle.num_recv_tokens, data.shape[1], dtype=data.dtype)
+    recv_sf = None if sf is None else torch.empty(handle.num_recv_tokens, sf.shape[1], dtype=sf.dtype)
+    for src in range(len(gathered)):
+        m = src_rank == src
+        recv[m] = gathered[src][0][src_idx[m]]
+        if sf is not None:
+            recv_sf[m] = gathered[src][1][src_idx[m]]
+    return recv, recv_sf
+
+
 def _gather_rows(group, tensors: list) -> list[list]:
     """All-gather tensors sharing their row count (may differ per rank) as raw bytes in one collective.
 

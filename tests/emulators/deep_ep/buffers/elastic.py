@@ -9,9 +9,10 @@ from typing import Optional
 
 import torch
 
-from .._collective import (_route_and_dispatch, EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk,
-                           _check_torch_deterministic, _combine_rows, _gather_objects, _gather_rows, _host_assert,
+from .._collective import (_cached_dispatch_rows, _route_and_dispatch, EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk,
+                           _check_torch_deterministic, _combine_rows, _gather_objects, _host_assert,
                            _jit_static_assert, _pack_x, _raise_if_any, _unpack_x)
+from ._v2_common import V2RuntimeFacts
 from ..utils.event import EventHandle, new_event
 
 
@@ -54,7 +55,7 @@ def _v2_stream_args(previous_event, allocate_on_comm_stream):
                      "allocate_on_comm_stream (`previous_event` requires `allocate_on_comm_stream=True`)")
 
 
-class _ElasticBuffer:
+class _ElasticBuffer(V2RuntimeFacts):
     """``deep_ep.ElasticBuffer`` (V2) on CPU gloo ranks (one NVLink domain: no hybrid mode kernels)."""
 
     def __init__(self, group, num_bytes: Optional[int] = None, num_cpu_bytes: int = 0,
@@ -110,10 +111,6 @@ class _ElasticBuffer:
         raw = group.size() * num_max_tokens_per_rank * (hidden * elem + num_topk * 16) * 4
         return _align(max(raw, 1), 2 << 20)
 
-    @staticmethod
-    def capture() -> EventHandle:
-        return EventHandle()
-
     def get_theoretical_num_sms(self, num_experts: int, num_topk: int, num_scaleout_topk: int = 0,
                                 rdma_gbs: float = 0, nvlink_gbs: float = 0, sm_read_gbs: float = 200,
                                 sm_write_gbs: float = 50) -> int:
@@ -121,19 +118,6 @@ class _ElasticBuffer:
         assert num_scaleout_topk == 0
         assert num_experts % self.num_ranks == 0  # get_expected_topk: a TypeError for num_experts=None, as the real one
         return 24
-
-    def get_theoretical_num_qps(self, num_sms: int) -> int:
-        # mirrors DeepEP deep_ep/buffers/elastic.py:get_theoretical_num_qps (dd758caf)
-        num_qps = min(num_sms, 8 + 1)
-        if self.allow_hybrid_mode:
-            num_qps = num_sms * 16 + 1
-        return min(num_qps, self.num_allocated_qps)
-
-    def get_physical_domain_size(self):
-        return self.num_rdma_ranks, self.num_nvlink_ranks
-
-    def get_logical_domain_size(self):
-        return self.num_scaleout_ranks, self.num_scaleup_ranks
 
     def dispatch(self, x, topk_idx=None, topk_weights=None, cumulative_local_expert_recv_stats=None,
                  num_experts: Optional[int] = None, num_max_tokens_per_rank: Optional[int] = None,
@@ -191,16 +175,7 @@ class _ElasticBuffer:
                            f"kNumTopk={num_topk}")
 
         if handle is not None:
-            assert data.shape[0] == handle.topk_idx.shape[0], "cached dispatch: token count differs from the handle's"
-            gathered = _gather_rows(self.group, [data] + ([sf] if sf is not None else []))
-            src_rank, src_idx = handle.recv_src_metadata[:, 0], handle.recv_src_metadata[:, 1]
-            recv = torch.empty(handle.num_recv_tokens, data.shape[1], dtype=data.dtype)
-            recv_sf = None if sf is None else torch.empty(handle.num_recv_tokens, sf.shape[1], dtype=sf.dtype)
-            for src in range(world):
-                m = src_rank == src
-                recv[m] = gathered[src][0][src_idx[m]]
-                if sf is not None:
-                    recv_sf[m] = gathered[src][1][src_idx[m]]
+            recv, recv_sf = _cached_dispatch_rows(self.group, data, sf, handle)
             return _pack_x(recv, recv_sf), None, None, handle, new_event(async_with_compute_stream)
 
         assert num_experts is not None, "num_experts is required unless a handle is given"

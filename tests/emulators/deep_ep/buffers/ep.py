@@ -31,9 +31,10 @@ from typing import Optional
 
 import torch
 
-from .._collective import (_route_and_dispatch, EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk,
-                           _combine_rows, _gather_objects, _gather_rows, _host_assert, _pack_x, _raise_if_any,
+from .._collective import (_cached_dispatch_rows, _route_and_dispatch, EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk,
+                           _combine_rows, _gather_objects, _host_assert, _pack_x, _raise_if_any,
                            _unpack_x)
+from ._v2_common import V2RuntimeFacts
 from ..utils.event import EventHandle, _V25EventOverlap, new_event
 
 DEEPEP_V25 = "sgl-deep-ep-v25 0.1.0rc0"
@@ -117,7 +118,7 @@ class EPHandle:
         return self._topk_idx
 
 
-class EPBuffer:
+class EPBuffer(V2RuntimeFacts):
     """``deep_ep.EPBuffer`` (V2.5) on CPU gloo ranks (one NVLink domain: no hybrid mode kernels)."""
 
     def __init__(self, group, num_bytes: Optional[int] = None, num_max_tokens_per_rank: int = 0, hidden: int = 0,
@@ -179,10 +180,6 @@ class EPBuffer:
         raw = group.size() * num_max_tokens_per_rank * (hidden * elem + num_topk * 16) * 4
         return _align(max(raw, 1), _ALLOCATION_ALIGNMENT)
 
-    @staticmethod
-    def capture() -> EventHandle:
-        return EventHandle()
-
     def get_theoretical_num_sms(self, num_experts: int, num_topk: int, num_scaleout_topk: int = 0,
                                 rdma_gbs: float = 0, nvlink_gbs: float = 0, sm_read_gbs: float = 0,
                                 sm_write_gbs: float = 0) -> int:
@@ -191,19 +188,6 @@ class EPBuffer:
         assert num_scaleout_topk == 0
         assert num_experts % self.num_ranks == 0  # get_expected_topk (ep.py:474): a TypeError for None, as the real one
         return 24
-
-    def get_theoretical_num_qps(self, num_sms: int) -> int:
-        # mirrors DeepEP V2.5 buffers/ep.py:543-560 (sgl-deep-ep-v25 0.1.0rc0)
-        num_qps = min(num_sms, 8 + 1)
-        if self.allow_hybrid_mode:
-            num_qps = num_sms * 16 + 1
-        return min(num_qps, self.num_allocated_qps)
-
-    def get_physical_domain_size(self):
-        return self.num_rdma_ranks, self.num_nvlink_ranks
-
-    def get_logical_domain_size(self):
-        return self.num_scaleout_ranks, self.num_scaleup_ranks
 
     def dispatch(self, x, topk_idx=None, topk_weights=None, cumulative_local_expert_recv_stats=None,
                  num_experts: Optional[int] = None, num_max_tokens_per_rank: Optional[int] = None,
@@ -272,16 +256,7 @@ class EPBuffer:
         if handle is not None:
             # mirrors DeepEP V2.5 csrc/buffers/ep.hpp:344 EP_HOST_ASSERT(num_tokens <= num_max_tokens_per_rank) (sgl-deep-ep-v25 0.1.0rc0)
             _host_assert(data.shape[0] <= max_t, "csrc/buffers/ep.hpp:344", "num_tokens <= num_max_tokens_per_rank")
-            assert data.shape[0] == handle.topk_idx.shape[0], "cached dispatch: token count differs from the handle's"
-            gathered = _gather_rows(self.group, [data] + ([sf] if sf is not None else []))
-            src_rank, src_idx = handle.recv_src_metadata[:, 0], handle.recv_src_metadata[:, 1]
-            recv = torch.empty(handle.num_recv_tokens, data.shape[1], dtype=data.dtype)
-            recv_sf = None if sf is None else torch.empty(handle.num_recv_tokens, sf.shape[1], dtype=sf.dtype)
-            for src in range(world):
-                m = src_rank == src
-                recv[m] = gathered[src][0][src_idx[m]]
-                if sf is not None:
-                    recv_sf[m] = gathered[src][1][src_idx[m]]
+            recv, recv_sf = _cached_dispatch_rows(self.group, data, sf, handle)
             result = (_pack_x(recv, recv_sf), None, None, handle)
             if self.deterministic and async_with_compute_stream and not defer_epilogue:
                 _order_fixed_at_wait(event, [recv, recv_sf])
