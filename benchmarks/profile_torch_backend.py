@@ -96,14 +96,9 @@ def parse_args(argv=None):
                     help="JSON file to write (a directory: DIR/profile_torch_backend.json); the markdown table "
                          "goes next to it with the suffix .md")
     args = ap.parse_args(argv)
-    if args.device == "auto":
-        import torch
+    from megatron_ep_plugins.bench.cli import apply_device_defaults
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_device_defaults(args, GPU_DEFAULTS, CPU_DEFAULTS)
     args.token_list = [int(t) for t in str(args.tokens).split(",") if t.strip()]
     args.impls = parse_impls(args.impl or ["installed"])
     out = Path(args.out)

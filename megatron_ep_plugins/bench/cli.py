@@ -48,6 +48,18 @@ __all__ = ["main", "parse_args"]
 
 #: ``--out`` of ``megatron-ep bench`` (``benchmarks/ep_bench.py`` passes ``benchmarks/results``).
 DEFAULT_OUT = "ep_bench_results"
+def apply_device_defaults(args, gpu_defaults: dict, cpu_defaults: dict) -> None:
+    """Resolve ``args.device == "auto"`` (cuda when available) and fill every option still ``None`` from the
+    device's defaults (``benchmarks/profile_torch_backend.py`` uses it too)."""
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for key, value in (gpu_defaults if args.device == "cuda" else cpu_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 GPU_DEFAULTS = dict(tokens=4096, hidden=7168, topk=8, experts=256, iters=50, warmup=10)
 CPU_DEFAULTS = dict(tokens=256, hidden=256, topk=4, experts=8, iters=10, warmup=2)
 
@@ -86,14 +98,7 @@ def parse_args(argv=None, prog: Optional[str] = None, default_out: Optional[str]
                          "when tqdm is importable and stderr is a terminal, else lines")
     ap.add_argument("--plot", action="store_true", help="also write ep_bench.png if matplotlib is importable")
     args = ap.parse_args(argv)
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_device_defaults(args, GPU_DEFAULTS, CPU_DEFAULTS)
     if args.hidden < ID_COLS:
         ap.error(f"--hidden must be >= {ID_COLS} (the source token id is encoded in the first columns)")
     try:
