@@ -13,15 +13,14 @@ synchronised before and after (so host time is not hidden behind queued GPU work
 Rank 0 prints one line per (backend, T); the slowest rank's median over ``GAP_ITERS`` (40) per column.
 Launch: ``torchrun --nproc-per-node 2 benchmarks/gpu/host_gap.py`` (``GAP_DEVICE=cpu``: gloo, for a smoke run).
 """
-import os, sys, time, statistics
+import os, sys
 sys.path.insert(0, os.getcwd())
 import torch, torch.distributed as dist
+from _interleaved import interleaved  # this folder: the script's own
 CUDA = os.environ.get("GAP_DEVICE", "cuda") == "cuda"
 dist.init_process_group("nccl" if CUDA else "gloo"); rank = dist.get_rank(); world = dist.get_world_size()
 if CUDA: torch.cuda.set_device(rank)
 dev = "cuda" if CUDA else "cpu"
-def sync():
-    if CUDA: torch.cuda.synchronize()
 g = dist.group.WORLD
 from megatron_ep_plugins.api import list_backends
 from megatron_ep_plugins.autograd import build_slot, _Bound, _Dispatch
@@ -31,17 +30,6 @@ H, K, E = int(os.environ.get("GAP_H", 7168)), 8, 256
 ITERS = int(os.environ.get("GAP_ITERS", 40))
 def p(*a):
     if rank == 0: print(*a, flush=True)
-def interleaved(cases):
-    for fn in cases.values():
-        for _ in range(3): fn()
-    per = {k: [] for k in cases}
-    for _ in range(ITERS):
-        for k, fn in cases.items():
-            sync(); dist.barrier(); sync()
-            t0 = time.perf_counter(); fn(); sync(); per[k].append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(v) * 1e6 for v in per.values()], device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return dict(zip(per, t.tolist()))
 for name in [n for n in os.environ.get("GAP_BACKENDS", "legacy,elastic,torch").split(",") if n in by and by[n].availability]:
     b = by[name].spec.factory(); b.name = name
     if hasattr(b, "set_num_sms"): b.set_num_sms(20)
@@ -77,7 +65,7 @@ for name in [n for n in os.environ.get("GAP_BACKENDS", "legacy,elastic,torch").s
                 rr = d()
                 cases["bare dispatch"] = d
                 cases["bare combine"] = lambda: buf.combine(rr[0], rr[3], num_sms=0)
-            res = interleaved(cases)
+            res = interleaved(cases, ITERS, dev)
         p(f"{name} T={T}: " + "; ".join(f"{k} {v:.0f}" for k, v in res.items()))
 dist.barrier()
 os._exit(0)  # skip V2 teardown

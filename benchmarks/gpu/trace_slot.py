@@ -21,13 +21,12 @@ import cProfile
 import io
 import os
 import pstats
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.getcwd())
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _interleaved import interleaved  # noqa: E402 (this folder: the script's own)
 
 CUDA = os.environ.get("TRACE_DEVICE", "cuda") == "cuda"
 dist.init_process_group("nccl" if CUDA else "gloo")
@@ -54,23 +53,7 @@ def sync():
 
 
 def timed(cases, iters=ITERS):
-    """Median wall us per call of each case, interleaved round robin, slowest rank."""
-    for fn in cases.values():
-        for _ in range(3):
-            fn()
-    per = {k: [] for k in cases}
-    for _ in range(iters):
-        for k, fn in cases.items():
-            sync()
-            dist.barrier()
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            per[k].append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(v) * 1e6 for v in per.values()], device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return dict(zip(per, t.tolist()))
+    return interleaved(cases, iters, dev)
 
 
 def show(title, res):
