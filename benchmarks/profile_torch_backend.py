@@ -69,19 +69,14 @@ COMBINE_PIECES = ("row collective", "sum + cast", "weights collective", "other")
 # arguments and implementations
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
+    from megatron_ep_plugins.bench.cli import add_size_options, apply_device_defaults
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impl", action="append", default=None, metavar="[LABEL=]PATH",
                     help="a copy of torch_a2a.py to profile (repeatable; LABEL defaults to the file name; "
                          "PATH 'installed' = the package's module); default: installed")
-    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                    help="auto: cuda when available (NCCL), else cpu (gloo)")
-    ap.add_argument("--tokens", default=None,
-                    help=f"tokens per rank, or a comma-separated sweep; default {GPU_DEFAULTS['tokens']} on cuda, "
-                         f"{CPU_DEFAULTS['tokens']} on cpu")
-    for name in ("hidden", "topk", "experts", "iters", "warmup"):
-        ap.add_argument(f"--{name}", type=int, default=None,
-                        help=f"default {GPU_DEFAULTS[name]} on cuda, {CPU_DEFAULTS[name]} on cpu")
+    add_size_options(ap, GPU_DEFAULTS, CPU_DEFAULTS)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--backward", action="store_true",
                     help="also time combine with weights and the cached dispatch (the backward calls)")
@@ -96,8 +91,6 @@ def parse_args(argv=None):
                     help="JSON file to write (a directory: DIR/profile_torch_backend.json); the markdown table "
                          "goes next to it with the suffix .md")
     args = ap.parse_args(argv)
-    from megatron_ep_plugins.bench.cli import apply_device_defaults
-
     apply_device_defaults(args, GPU_DEFAULTS, CPU_DEFAULTS)
     args.token_list = [int(t) for t in str(args.tokens).split(",") if t.strip()]
     args.impls = parse_impls(args.impl or ["installed"])

@@ -48,6 +48,19 @@ __all__ = ["main", "parse_args"]
 
 #: ``--out`` of ``megatron-ep bench`` (``benchmarks/ep_bench.py`` passes ``benchmarks/results``).
 DEFAULT_OUT = "ep_bench_results"
+def add_size_options(ap, gpu_defaults: dict, cpu_defaults: dict) -> None:
+    """``--device`` and the sizes (``--tokens``, ``--hidden``, ``--topk``, ``--experts``, ``--iters``, ``--warmup``),
+    defaulting per device; :func:`apply_device_defaults` fills them after parsing."""
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="auto: cuda when available (NCCL), else cpu (gloo)")
+    ap.add_argument("--tokens", default=None,
+                    help=f"tokens per rank, or a comma-separated list for a token sweep in one run (e.g. "
+                         f"128,256,512); default {gpu_defaults['tokens']} on cuda, {cpu_defaults['tokens']} on cpu")
+    for name in ("hidden", "topk", "experts", "iters", "warmup"):
+        ap.add_argument(f"--{name}", type=int, default=None,
+                        help=f"default {gpu_defaults[name]} on cuda, {cpu_defaults[name]} on cpu")
+
+
 def apply_device_defaults(args, gpu_defaults: dict, cpu_defaults: dict) -> None:
     """Resolve ``args.device == "auto"`` (cuda when available) and fill every option still ``None`` from the
     device's defaults (``benchmarks/profile_torch_backend.py`` uses it too)."""
@@ -69,16 +82,9 @@ def parse_args(argv=None, prog: Optional[str] = None, default_out: Optional[str]
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default="torch,legacy,elastic",
                     help="comma-separated backend names or aliases (default: torch,legacy,elastic)")
-    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                    help="auto: cuda when available, else cpu (gloo)")
+    add_size_options(ap, GPU_DEFAULTS, CPU_DEFAULTS)
     ap.add_argument("--fp8", action="store_true",
                     help="FP8 dispatch input (e4m3 + fp32 scales per 128 columns) for backends that support it")
-    ap.add_argument("--tokens", default=None,
-                    help=f"tokens per rank, or a comma-separated list for a token sweep in one run (e.g. "
-                         f"128,256,512); default {GPU_DEFAULTS['tokens']} on cuda, {CPU_DEFAULTS['tokens']} on cpu")
-    for name in ("hidden", "topk", "experts", "iters", "warmup"):
-        ap.add_argument(f"--{name}", type=int, default=None,
-                        help=f"default {GPU_DEFAULTS[name]} on cuda, {CPU_DEFAULTS[name]} on cpu")
     ap.add_argument("--name", default="ep_bench",
                     help="basename of the output files (OUT/NAME.json, .md, .png); default ep_bench")
     ap.add_argument("--megatron", choices=("auto", "on", "off"), default="auto",
