@@ -9,10 +9,10 @@ from typing import Optional
 
 import torch
 
-from .._collective import (_cached_dispatch_rows, _route_and_dispatch, EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _align, _check_topk,
-                           _check_torch_deterministic, _combine_rows, _gather_objects, _host_assert,
-                           _jit_static_assert, _pack_x, _raise_if_any, _unpack_x)
-from ._v2_common import V2RuntimeFacts
+from .._collective import (EMULATED_DEVICE_SMS, _CONSTRUCTED, _Sticky, _cached_dispatch_rows, _check_topk,
+                           _check_torch_deterministic, _combine_rows, _host_assert, _jit_static_assert, _pack_x,
+                           _raise_if_any, _route_and_dispatch, _unpack_x)
+from ._v2_common import V2RuntimeFacts, agree_on_max_tokens, set_one_domain, v2_buffer_bytes
 from ..utils.event import EventHandle, new_event
 
 
@@ -88,13 +88,8 @@ class _ElasticBuffer(V2RuntimeFacts):
         # the C++ runtime; here: what the emulator needs to check sizes, and the sticky-error state
         self.runtime = SimpleNamespace(hidden=hidden, num_topk=num_topk, use_fp8_dispatch=use_fp8_dispatch,
                                        sticky=_Sticky())
-        self.num_scaleout_ranks, self.num_scaleup_ranks = 1, self.num_ranks
-        self.scaleout_rank_idx, self.scaleup_rank_idx = 0, self.rank_idx
-        self.num_rdma_ranks, self.num_nvlink_ranks = 1, self.num_ranks
-        values = _gather_objects(group, num_max_tokens_per_rank)
-        if len(set(values)) != 1:
-            raise RuntimeError(f"num_max_tokens_per_rank differs across ranks {values}: all ranks must hold the "
-                               "same value (the real ElasticBuffer hangs here)")
+        set_one_domain(self)
+        agree_on_max_tokens(group, num_max_tokens_per_rank, "the real ElasticBuffer hangs here")
         _CONSTRUCTED["ElasticBuffer"] += 1
 
     @staticmethod
@@ -106,10 +101,7 @@ class _ElasticBuffer(V2RuntimeFacts):
                      "num_max_tokens_per_rank > 0 and hidden > 0")
         _host_assert(-(-hidden // 32) * 4 <= hidden, "csrc/elastic/buffer.hpp:660",
                      "math::ceil_div(hidden, 32) * sizeof(float) <= hidden")
-        elem = 1 if use_fp8_dispatch else 2
-        num_topk = num_topk or 32
-        raw = group.size() * num_max_tokens_per_rank * (hidden * elem + num_topk * 16) * 4
-        return _align(max(raw, 1), 2 << 20)
+        return v2_buffer_bytes(group, num_max_tokens_per_rank, hidden, num_topk, use_fp8_dispatch, 2 << 20)
 
     def get_theoretical_num_sms(self, num_experts: int, num_topk: int, num_scaleout_topk: int = 0,
                                 rdma_gbs: float = 0, nvlink_gbs: float = 0, sm_read_gbs: float = 200,
