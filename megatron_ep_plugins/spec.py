@@ -293,6 +293,10 @@ class Capabilities:
     * ``internode``: works across hosts (not only NVLink/shared memory peers).
     * ``autograd_probs``: the probs' gradient travels back through combine (all backends of the
       Megatron flex slot must have it; it exists so third-party forward-only backends can say so).
+    * ``repeated_experts``: an expert id named twice in one token's top-k arrives as two (id, weight) pairs.
+      ``False``: the transport keeps one bit per (token, expert) (HybridEP's routing map), so the repeat arrives
+      as one pair carrying the summed weight. Routers never repeat an id (they take ``topk`` of scores); the
+      conformance kit's routings do not either.
     """
 
     devices: tuple[str, ...] = ("cuda",)
@@ -302,6 +306,7 @@ class Capabilities:
     deterministic_order: bool = True
     internode: bool = False
     autograd_probs: bool = True
+    repeated_experts: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -312,6 +317,7 @@ class Capabilities:
             "deterministic_order": self.deterministic_order,
             "internode": self.internode,
             "autograd_probs": self.autograd_probs,
+            "repeated_experts": self.repeated_experts,
         }
 
 

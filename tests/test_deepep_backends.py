@@ -134,6 +134,7 @@ def _compare(rank, world, backend_name, scenarios, flags, device="cpu", num_sms=
     import torch.distributed as dist
 
     from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
+    from megatron_ep_plugins.testing.reference import canonical_topk
 
     deep_ep = _deep_ep()
     group = dist.group.WORLD
@@ -158,19 +159,20 @@ def _compare(rank, world, backend_name, scenarios, flags, device="cpu", num_sms=
             assert torch.equal(got.tokens_per_expert, exp.tokens_per_expert), name
             pg, pe = _order(got.recv_x, got.recv_topk_idx), _order(exp.recv_x, exp.recv_topk_idx)
             assert torch.equal(got.recv_x[pg], exp.recv_x[pe]), name  # bit-identical rows
-            gi, ei = got.recv_topk_idx[pg], exp.recv_topk_idx[pe]
-            assert torch.equal(gi, ei), name
-            owned = ei >= 0
-            assert torch.equal(got.recv_topk_weights[pg][owned], exp.recv_topk_weights[pe][owned]), name
+            # the contract fixes each row's (local id, weight) pairs, not their slots (hybridep packs them first)
+            gi, gw = canonical_topk(got.recv_topk_idx[pg], got.recv_topk_weights[pg])
+            ei, ew = canonical_topk(exp.recv_topk_idx[pe], exp.recv_topk_weights[pe])
+            assert torch.equal(gi, ei) and torch.equal(gw, ew), name
 
             # combine: an "expert" that scales each row by (1 + number of local slots)
             def expert(res):
                 return (res.recv_x.float() * (1 + (res.recv_topk_idx >= 0).sum(1, keepdim=True))).to(torch.bfloat16)
 
-            # dispatch's backward: probs' grad, with garbage in slots owned elsewhere (must be ignored)
+            # dispatch's backward: probs' grad per (row, local expert) pair, wherever the backend put the pair, with
+            # garbage in slots owned elsewhere (must be ignored)
             def probs_grad(res):
-                g = res.recv_x.float()[:, : res.recv_topk_idx.shape[1]] + torch.arange(res.recv_topk_idx.shape[1],
-                                                                                        device=res.recv_x.device)
+                ids = res.recv_topk_idx.clamp(min=0)
+                g = res.recv_x.float().gather(1, ids) + ids
                 return torch.where(res.recv_topk_idx >= 0, g, 123.0)
 
             out, cw = backend.combine(expert(got), got.handle, group, topk_weights=probs_grad(got), **kw)
@@ -208,26 +210,46 @@ def test_matches_reference(deepep_emulator, backend_name, world, scenarios, flag
     assert counts == [len(scenarios) * len(flags)] * world
 
 
-def _hybridep_row_width(rank, world):
+def _hybridep_routing_from_handle(rank, world):
+    """More top-k slots than experts per rank (K=3, 2 per rank), and a repeated id (documented: one pair)."""
     import torch.distributed as dist
 
-    backend = make_backend("hybridep")
-    _round_trip(backend, dist.group.WORLD, 6 + rank, HIDDEN, topk=4)
-    return backend._groups[dist.group.WORLD].width, backend.agreement_key()["row_width_align"]
+    from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
+    from megatron_ep_plugins.testing.reference import canonical_topk
+
+    backend, ref, group = make_backend("hybridep"), TorchA2ABackend(), dist.group.WORLD
+    x, idx, w = _tokens(9 + rank, HIDDEN, 3, 4, seed=rank)
+    idx[2, 1] = -1
+    got, exp = backend.dispatch(x, idx, w, 4, group), ref.dispatch(x, idx, w, 4, group)
+    pg, pe = _order(got.recv_x, got.recv_topk_idx), _order(exp.recv_x, exp.recv_topk_idx)
+    same = [torch.equal(a, b) for a, b in zip(canonical_topk(got.recv_topk_idx[pg], got.recv_topk_weights[pg]),
+                                              canonical_topk(exp.recv_topk_idx[pe], exp.recv_topk_weights[pe]))]
+    owned_first = bool(((got.recv_topk_idx[:, 1:] >= 0) <= (got.recv_topk_idx[:, :-1] >= 0)).all())
+    # token 0 names expert 1 twice (weights 0.25 + 0.5) and expert 2 (0.125)
+    rx = torch.full((3, HIDDEN), float(rank + 1)).to(torch.bfloat16)
+    ri = torch.tensor([[1, 1, 2], [0, 3, -1], [3, 2, 0]])
+    rw = torch.tensor([[0.25, 0.5, 0.125], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    rep = backend.dispatch(rx, ri, rw, 4, group)
+    pairs = sorted((round(float(v), 4), int(i)) for row, wrow in zip(rep.recv_topk_idx.tolist(),
+                                                                     rep.recv_topk_weights.tolist())
+                   for i, v in zip(row, wrow) if i >= 0)
+    return same, owned_first, tuple(got.recv_topk_idx.shape), rep.tokens_per_expert.tolist(), pairs
 
 
-def test_hybridep_rows_can_keep_a_wider_alignment(deepep_emulator, monkeypatch):
-    from megatron_ep_plugins.backends.hybridep import HybridEPBackend
-    from megatron_ep_plugins.errors import ConfigError
-
+def test_hybridep_rebuilds_the_received_routing_from_its_handle(deepep_emulator):
+    """The adapter reads HybridEP's ``local_expert_routing_map`` (the emulator leaves garbage after the received
+    rows, as the real ``torch::empty`` does) and packs the owned pairs first; more slots than local experts."""
     deepep_emulator("v1")
-    env = {"MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN": "128"}
-    assert run_ranks(_compare, 2, "hybridep", ["uneven_masked", "k4"], [(False, False)], env=env) == [2, 2]
-    assert run_ranks(_hybridep_row_width, 2, env=env) == [(HIDDEN + 128, 128)] * 2  # 4 id columns padded to 128
-    assert run_ranks(_hybridep_row_width, 2) == [(HIDDEN + 16, 16)] * 2  # default: padded to 16
-    monkeypatch.setenv("MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN", "24")
-    with pytest.raises(ConfigError, match="ROW_WIDTH_ALIGN=24 must be a multiple of 16"):
-        HybridEPBackend()
+    results = run_ranks(_hybridep_routing_from_handle, 2)
+    for rank, (same, owned_first, shape, counts, pairs) in enumerate(results):
+        assert same == [True, True] and owned_first and shape[1] == 3
+    # rank 0 owns experts 0 and 1: token 0's repeat of expert 1 is one pair with 0.25 + 0.5 (both ranks send it)
+    assert results[0][3] == [4, 2]  # rows naming local expert 0 / 1: counted once per row
+    assert (0.75, 1) in results[0][4] and (0.25, 1) not in results[0][4]
+    assert results[1][3] == [4, 4]
+    from megatron_ep_plugins.backends.hybridep import ep_register_backends
+
+    assert ep_register_backends()[0].capabilities.repeated_experts is False
 
 
 # The elastic adapter on each DeepEP API generation it drives (the emulator's v2 = ElasticBuffer 2.0-2.1, v25 =
@@ -689,7 +711,6 @@ def test_rule_functions_cover_internode_and_hybrid_limits():
         (lambda: check_hybridep_rules(4, 256, 8, 3), "group size % ranks per NVLink domain == 0"),
         (lambda: check_hybridep_rules(4, 256, 8, 2, chunk_dispatch=3), "NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API"),
         (lambda: check_hybridep_rules(4, 256, 8, 2, max_tokens=30000), "max tokens per rank <= 21844"),
-        (lambda: check_hybridep_rules(2, 256, 40000, 2), "num_experts <= 32767"),
         (lambda: check_hybridep_rules(2, 256, 4, 2, use_fp8=True), "FP8 hidden_dim % 512 == 0"),
         (lambda: check_hybridep_rules(2, 1024, 4, 2, use_fp8=True), None),
     ]:

@@ -14,25 +14,32 @@ them:
   never passes ``topk_idx``: it builds the ``routing_map [T, E]`` bool / ``probs [T, E]`` fp32 form itself,
   where a ``-1`` entry simply sets nothing.
 * **No per-slot routing on the receiving side.** HybridEP returns probs per expert, not the token's top-k
-  slots. The adapter appends each token's global expert ids to its row (``int16`` bits viewed as the row's
-  2-byte dtype; HybridEP moves rows bit-exactly), so the receiver rebuilds ``recv_topk_idx`` slot by slot;
-  weights come from the dispatched probs. The id columns are padded to 16 elements, so the row width keeps
-  the hidden size's alignment; the same columns ride along (zeros) in combine and cached dispatch so the
-  buffer's hidden size never changes.
+  slots. Its handle carries ``local_expert_routing_map`` (``[T x ranks, L]`` bool, the first ``N`` rows one per
+  received row, in the same order; ``csrc/hybrid_ep/executor/executor.cu:110`` allocates it, the preprocessing
+  kernel fills row ``n`` with the local-expert bits of the ``n``-th dispatched token). The adapter rebuilds
+  ``recv_topk_idx`` from it (the owned local ids packed first in ascending order, ``-1`` after them: the
+  contract fixes the pairs, not their slots) and the weights from the dispatched probs, and counts the
+  per-expert rows from the same map. So the tokens travel as they are: no columns appended, no copies before
+  or after the library's own (an earlier version appended the expert ids to each row, which cost two extra
+  passes over the rows per dispatch and one per combine on H200).
+* **One bit per (token, expert).** A token naming one expert twice in its top-k (routers never do: they take
+  ``topk`` of the scores) arrives as one pair whose weight is the sum, and dispatch's backward gives both
+  source slots that pair's gradient (the derivative of the sum); ``Capabilities(repeated_experts=False)``.
 
 The real Python object (``deep_ep/hybrid_ep_buffer.py`` at 94a9f8f6) is called with its exact signature:
 ``HybridEPBuffer(group, hidden_dim, max_num_of_tokens_per_rank, num_local_experts, use_fp8, num_sms_...)``;
 ``dispatch(hidden=, routing_map=, probs=, num_of_experts=)`` (``num_of_experts`` also with a cached ``handle``:
 it is asserted whenever ``routing_map`` is None); ``combine(hidden=, probs=, handle=)``. The object has no
 ``num_local_experts``/``hidden_dim`` attributes: the adapter keeps the experts per rank and the buffer's
-width itself and reads only ``num_of_hybrid_ep_ranks_per_nvlink_domain`` and ``local_rank``, which it has.
+hidden size itself and reads only ``num_of_hybrid_ep_ranks_per_nvlink_domain`` and ``local_rank``, which it has.
 
 Buffer: one per process group, ``max_num_of_tokens_per_rank`` from ``MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK`` or
 the agreed largest T rounded up to a multiple of 64 (grown, on every rank together, when a larger T arrives
 at an agreement; in steady state a larger T is a local error naming the variables to set). Only bf16 tokens
 (HybridEP moves 2-byte elements); FP8 is not supported by this adapter. Hot path: the argument checks, size
 rules and T agreement run once per call key (see ``_deepep_common``); every dispatch still builds the routing
-map and probs above, and copies the per-expert counts to the host once (the contract's CPU counts).
+map and probs above (seven small kernels), rebuilds the received routing from the handle (six) and copies the
+per-expert counts to the host once (the contract's CPU counts).
 
 Size rules of the real library, checked up front (``InvalidInputError`` on every rank alike, after the
 rank agreement). Sources: DeepEP branch ``hybrid-ep`` 94a9f8f6.
@@ -57,7 +64,8 @@ rank agreement). Sources: DeepEP branch ``hybrid-ep`` 94a9f8f6.
 * Routing-map width = experts per rank x ranks per domain x domains: ``csrc/hybrid_ep/executor/executor.cu:35``.
 * Equal T on every rank (all-gathered routing maps, ``executor.cu`` ``allgather_routing_map``) and no ``-1``
   (``indices_to_map`` scatters): handled by the padding / routing map above.
-* Expert ids travel as int16: at most 32767 experts (this adapter).
+* Combine's rows have the handle's hidden size (``config.hidden_dim`` of the dispatch): a narrower ``x`` is
+  padded with zero columns by the adapter.
 """
 
 from __future__ import annotations
@@ -67,7 +75,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ..config import declare, read_bool, read_int
-from ..errors import ConfigError, InvalidInputError
+from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer
 from ._deepep_common import (agree_on_inputs, check_dispatch_args, check_handle, device_sm_count, dispatch_key,
@@ -79,9 +87,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["HybridEPBackend", "HybridEPHandle", "check_hybridep_rules", "ep_register_backends"]
 
 TOKEN_ALIGNMENT = 64  # Megatron's HYBRIDEP_TOKEN_ALIGNMENT
-_ID_COL_ALIGN = 16  # pad the appended id columns to 16 elements: the width keeps hidden's % 16
 _ROW_ALIGN = 4  # pad T to a multiple of 4: (T % chunk) x ranks per domain x 4 bytes % 16 == 0 (executor.cu:72-78)
-_MAX_EXPERTS = 32767  # expert ids travel as int16
 _MIN_BUFFER_TOKENS = 512  # config.cuh:386
 _QP_MAX_TX_DEPTH = 65536  # config.cuh:18-20
 _FALLBACK = "or the 'legacy'/'torch' backend"
@@ -98,12 +104,8 @@ def check_hybridep_rules(world: int, hidden: int, num_experts: int, ranks_per_do
                          device_sms: Optional[int] = None, use_fp8: bool = False, backend: str = "hybridep") -> None:
     """Raise :class:`InvalidInputError` when ``HybridEPBuffer`` would reject this configuration (module doc).
 
-    ``hidden`` is the user's hidden size (the adapter's row width adds a multiple of 16 to it); ``use_fp8`` the
-    buffer's token type (this adapter builds bf16 buffers; the FP8 rule is here for completeness).
+    ``hidden`` is the tokens' hidden size (the buffer's ``hidden_dim``); ``use_fp8`` the buffer's token type (this adapter builds bf16 buffers; the FP8 rule is here for completeness).
     """
-    if num_experts > _MAX_EXPERTS:
-        raise rule_error(backend, "the hybridep adapter (int16 expert ids)", f"num_experts <= {_MAX_EXPERTS}",
-                         f"num_experts={num_experts}", f"use fewer experts {_FALLBACK}")
     if ranks_per_domain <= 0 or world % ranks_per_domain:
         raise rule_error(backend, "HybridEP", "group size % ranks per NVLink domain == 0",
                          f"{world} ranks, {ranks_per_domain} per domain",
@@ -143,7 +145,6 @@ class HybridEPHandle:
     num_tokens: int  # T on this rank
     padded_tokens: int  # agreed T of the dispatch
     hidden: int
-    width: int  # hidden + id columns
     num_experts: int
     prob_offset: int  # first column of this rank's experts in the dispatched probs
     local_experts: int = 0  # experts per rank
@@ -158,7 +159,7 @@ class _GroupState:
     rank: int
     buffer: Any = None
     max_tokens: int = 0
-    width: int = 0
+    hidden: int = 0
     local: int = 0
     ranks_per_domain: int = 0
     prob_offset: int = 0
@@ -171,10 +172,6 @@ class HybridEPBackend:
 
     def __init__(self) -> None:
         self._pinned = read_int("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", minimum=1)
-        self._width_align = read_int("MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN", minimum=_ID_COL_ALIGN) or _ID_COL_ALIGN
-        if self._width_align % _ID_COL_ALIGN:
-            raise ConfigError(f"MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN={self._width_align} must be a multiple of "
-                              f"{_ID_COL_ALIGN} (HybridEP's bf16 rows need hidden_dim % 16 == 0), e.g. 16 or 128")
         self._check_each = read_bool("MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH")
         self._agreed: set = set()  # dispatch keys agreed across ranks once (unless check-each)
         # HybridEP's own knobs (read by its C++ Configurer); only used here to predict its validity rules
@@ -192,6 +189,7 @@ class HybridEPBackend:
         self.num_sms: Optional[int] = None
         self._groups: dict[Any, _GroupState] = {}
         self._ok: set[tuple] = set()  # validated dispatch keys
+        self._ranks_desc: dict[tuple, Any] = {}  # (L, device) -> [L, L-1, ..., 1]: ranks owned bits by local id
 
     def set_num_sms(self, num_sms: int) -> None:
         if not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms <= 0:
@@ -201,8 +199,7 @@ class HybridEPBackend:
         self.num_sms = num_sms  # used for the next buffer (HybridEP fixes SM counts at construction)
 
     def agreement_key(self) -> Mapping[str, Any]:
-        return {"algorithm": "deep_ep.HybridEPBuffer", "max_tokens_per_rank": self._pinned, "num_sms": self.num_sms,
-                "row_width_align": self._width_align}
+        return {"algorithm": "deep_ep.HybridEPBuffer", "max_tokens_per_rank": self._pinned, "num_sms": self.num_sms}
 
     def _state(self, group) -> _GroupState:
         st = self._groups.get(group)
@@ -215,7 +212,7 @@ class HybridEPBackend:
     def _ranks_per_domain(self, world: int) -> int:
         return self._domain_env or world
 
-    def _get_buffer(self, group, st: _GroupState, max_tokens: int, width: int, local: int, hidden: int,
+    def _get_buffer(self, group, st: _GroupState, max_tokens: int, local: int, hidden: int,
                     num_experts: int) -> _GroupState:
         if self._pinned is not None:
             if max_tokens > self._pinned:
@@ -226,9 +223,9 @@ class HybridEPBackend:
         else:
             need = -(-max(max_tokens, 1) // TOKEN_ALIGNMENT) * TOKEN_ALIGNMENT
         if st.buffer is not None:
-            if st.max_tokens >= need and st.width == width and st.local == local:
+            if st.max_tokens >= need and st.hidden == hidden and st.local == local:
                 return st
-            if st.width == width and st.local == local:
+            if st.hidden == hidden and st.local == local:
                 need = max(need, st.max_tokens)  # grow, never shrink
         check_hybridep_rules(st.world, hidden, num_experts, self._ranks_per_domain(st.world), self._chunk_dispatch,
                              self._chunk_combine, need)
@@ -236,7 +233,7 @@ class HybridEPBackend:
         if self.num_sms is not None:
             kwargs = {"num_sms_dispatch_api": self.num_sms, "num_sms_combine_api": self.num_sms}
         try:
-            buffer = self._HybridEPBuffer(group=group, hidden_dim=width, max_num_of_tokens_per_rank=need,
+            buffer = self._HybridEPBuffer(group=group, hidden_dim=hidden, max_num_of_tokens_per_rank=need,
                                           num_local_experts=local, use_fp8=False, **kwargs)
         except RuntimeError as exc:
             if "config is not valid" not in str(exc):
@@ -244,13 +241,13 @@ class HybridEPBackend:
             raise InvalidInputError(
                 f"backend 'hybridep': HybridEPBuffer rejected its buffer config ({exc}): it needs bf16 hidden_dim "
                 "% 16 == 0, (experts per rank x ranks per NVLink domain) % 4 == 0 and (tokens per dispatch chunk x "
-                f"ranks per domain) % 4 == 0; got hidden_dim={width} (hidden {hidden} + expert-id columns), "
+                f"ranks per domain) % 4 == 0; got hidden_dim={hidden}, "
                 f"{local} experts per rank, ranks per domain predicted {self._ranks_per_domain(st.world)} (HybridEP "
                 "detects them: set NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN if the prediction is wrong); use a "
                 "valid configuration " + _FALLBACK) from None
         rpd = int(buffer.num_of_hybrid_ep_ranks_per_nvlink_domain)
         local_rank = getattr(buffer, "local_rank", None)
-        st.buffer, st.max_tokens, st.width, st.local, st.ranks_per_domain = buffer, need, width, local, rpd
+        st.buffer, st.max_tokens, st.hidden, st.local, st.ranks_per_domain = buffer, need, hidden, local, rpd
         st.prob_offset = int(local_rank if local_rank is not None else st.rank % rpd) * local
         return st
 
@@ -294,40 +291,52 @@ class HybridEPBackend:
                                  self._chunk_dispatch, self._chunk_combine, num_sms=self.num_sms,
                                  device_sms=device_sm_count(device))
             self._ok.add(key)
-        width = -(-(hidden + topk) // self._width_align) * self._width_align  # hidden % 16 == 0 (checked above)
-        id_cols = width - hidden
-        self._get_buffer(group, st, max_t, width, local, hidden, num_experts)
-        buffer, me = st.buffer, st.rank
+        self._get_buffer(group, st, max_t, local, hidden, num_experts)
+        buffer = st.buffer
 
-        # pad to the agreed T; masked (-1) and padded entries select no expert
-        ids = torch.full((max_t, id_cols), -1, dtype=torch.int16, device=device)
-        ids[:num_tokens, :topk] = topk_idx.to(torch.int16)
-        rows = _rows(torch, x, ids.view(x.dtype), max_t, width)
-        valid_idx = topk_idx >= 0
+        # the routing map and per-expert probs HybridEP takes; padded rows and -1 entries select no expert. The
+        # map is built with amax over uint8 (viewed as bool) so that a clamped -1 (0 at column 0) never hides a
+        # real entry, the probs with a sum (a masked entry adds 0)
+        valid = topk_idx >= 0
         safe = topk_idx.clamp(min=0)
-        # scatter_add_ so that a clamped -1 (adding 0 at column 0) never hides a real entry
-        hits = torch.zeros(max_t, num_experts, dtype=torch.int32, device=device)
-        hits[:num_tokens].scatter_add_(1, safe, valid_idx.to(torch.int32))
-        routing_map = hits > 0
+        hits = torch.zeros(max_t, num_experts, dtype=torch.uint8, device=device)
+        routing_map = hits.view(torch.bool)
         probs = torch.zeros(max_t, num_experts, dtype=torch.float32, device=device)
-        probs[:num_tokens].scatter_add_(1, safe, torch.where(valid_idx, topk_weights, 0.0))
+        if num_tokens:
+            hits[:num_tokens].scatter_reduce_(1, safe, valid.view(torch.uint8), "amax")
+            probs[:num_tokens].scatter_add_(1, safe, topk_weights * valid)
+        rows = x if max_t == num_tokens else _pad_rows(torch, x, max_t)
 
         tokens, dprobs, _, raw = buffer.dispatch(hidden=rows, routing_map=routing_map, probs=probs,
                                                  num_of_experts=num_experts)
-        recv_x = tokens[:, :hidden].contiguous()
-        gids = tokens[:, hidden:hidden + topk].contiguous().view(torch.int16).long()
-        owned = (gids >= 0) & (gids // local == me)
-        recv_idx = torch.where(owned, gids - me * local, -1)
-        offset = st.prob_offset
-        recv_w = torch.where(owned, dprobs.gather(1, offset + recv_idx.clamp(min=0)), 0.0)
-        # entries per local expert, -1 in bucket 0: a histogram with no host sync (a boolean-mask index and bincount
-        # would each sync on CUDA); the copy to the host is the one sync the CPU counts need
-        hist = torch.zeros(local + 1, dtype=torch.int64, device=device)
-        hist.scatter_add_(0, (recv_idx + 1).view(-1), torch.ones(recv_idx.numel(), dtype=torch.int64, device=device))
-        tokens_per_expert = hist[1:].cpu()
-        handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, width, num_experts,
-                                offset, local, local * st.ranks_per_domain)
-        return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
+        recv_idx, recv_w, tokens_per_expert = self._received_routing(raw[4], tokens.shape[0], dprobs, local, topk,
+                                                                     st.prob_offset)
+        handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, num_experts,
+                                st.prob_offset, local, local * st.ranks_per_domain)
+        return DispatchResult(tokens, recv_idx, recv_w, tokens_per_expert, handle)
+
+    def _received_routing(self, local_map, num_recv: int, dprobs, local: int, topk: int, offset: int):
+        """``(recv_topk_idx [N, K], recv_topk_weights [N, K], tokens_per_expert)`` from HybridEP's handle.
+
+        ``local_map[:N]`` has one row per received row (its local-expert bits). Ranking the set bits by local
+        id (``bit x (L - id)``, top ``min(K, L)``) packs the owned ids first in ascending order; the unset ranks
+        become ``-1``. The weights are the dispatched probs at this rank's columns (``offset`` = its first
+        expert in HybridEP's per-domain columns); the slots after the owned ones hold whatever the ranked column
+        has (the contract leaves them free: Megatron reads weights only where the id is >= 0)."""
+        torch = self._torch
+        lmap = local_map[:num_recv]
+        key = (local, lmap.device)
+        ranks = self._ranks_desc.get(key)
+        if ranks is None:
+            ranks = self._ranks_desc[key] = torch.arange(local, 0, -1, dtype=torch.int64, device=lmap.device)
+        kk = min(topk, local)
+        score, recv_idx = (lmap * ranks).topk(kk, dim=1)
+        recv_w = dprobs.narrow(1, offset, local).gather(1, recv_idx)
+        recv_idx.masked_fill_(score == 0, -1)
+        if kk < topk:  # more slots than local experts: the rest are never owned
+            recv_idx = torch.nn.functional.pad(recv_idx, (0, topk - kk), value=-1)
+            recv_w = torch.nn.functional.pad(recv_w, (0, topk - kk))
+        return recv_idx, recv_w, lmap.sum(0).cpu()
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
         torch = self._torch
@@ -336,10 +345,10 @@ class HybridEPBackend:
             raise InvalidInputError(f"dispatch with a cached handle expects x of shape [{h.num_tokens}, {h.hidden}], "
                                     f"got {tuple(getattr(x, 'shape', ()))}")
         _check_dtype(x, torch.bfloat16)
-        rows = _rows(torch, x, x.new_zeros(h.padded_tokens, h.width - h.hidden), h.padded_tokens, h.width)
+        rows = x.contiguous() if h.padded_tokens == h.num_tokens else _pad_rows(torch, x, h.padded_tokens)
         # the real dispatch asserts num_of_experts whenever routing_map is None, also with a handle
         tokens, _, _, _ = h.buffer.dispatch(hidden=rows, num_of_experts=h.num_experts, handle=h.raw)
-        return tokens[:, :h.hidden].contiguous()
+        return tokens
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):
         torch = self._torch
@@ -349,7 +358,9 @@ class HybridEPBackend:
             raise InvalidInputError(f"combine expects x of shape [{num_recv}, {h.hidden}] (one row per row dispatch "
                                     f"delivered here, same order), got {tuple(getattr(x, 'shape', ()))}")
         _check_dtype(x, torch.bfloat16)
-        rows = torch.cat((x, x.new_zeros(num_recv, h.width - x.shape[1])), dim=1)  # one vectorized copy
+        width = x.shape[1]
+        # the handle's config fixes the row width (the dispatch's hidden): a narrower x gets zero columns
+        rows = x.contiguous() if width == h.hidden else torch.nn.functional.pad(x, (0, h.hidden - width))
         probs = None
         if topk_weights is not None:
             if topk_weights.shape != h.recv_topk_idx.shape:
@@ -360,7 +371,10 @@ class HybridEPBackend:
             probs.scatter_add_(1, h.prob_offset + h.recv_topk_idx.clamp(min=0),
                                torch.where(owned, topk_weights.float(), 0.0))
         combined, combined_probs = h.buffer.combine(hidden=rows, probs=probs, handle=h.raw)
-        out = combined[:h.num_tokens, :x.shape[1]].contiguous()
+        # HybridEP allocates the output per call ([padded T, hidden], hybrid_ep.cu:238): the leading rows are ours
+        out = combined if h.padded_tokens == h.num_tokens else combined[:h.num_tokens]
+        if width != h.hidden:
+            out = out[:, :width].contiguous()
         combined_w = None
         if topk_weights is not None:
             valid = h.topk_idx >= 0
@@ -369,17 +383,11 @@ class HybridEPBackend:
         return out, combined_w
 
 
-def _rows(torch, x, tail, num_rows: int, width: int):
-    """``[num_rows, width]`` rows: ``x`` then ``tail``'s columns in the first ``len(x)`` rows; zeros then ``tail``
-    in the padding rows. One ``cat`` into the leading rows: on H200 writing ``x`` into a column slice of a zeroed
-    buffer ran as a strided element-wise copy, 116 us at T=4096 H=7168 (trace_slot.py), plus the memset."""
-    num_tokens = x.shape[0]
-    rows = torch.empty(num_rows, width, dtype=x.dtype, device=x.device)
-    torch.cat((x, tail[:num_tokens]), dim=1, out=rows[:num_tokens])
-    if num_rows > num_tokens:  # padding rows select no expert; their contents are kept as before (zeros, ids -1)
-        pad = rows[num_tokens:]
-        pad[:, :x.shape[1]].zero_()
-        pad[:, x.shape[1]:] = tail[num_tokens:]
+def _pad_rows(torch, x, num_rows: int):
+    """``x`` followed by zero rows up to ``num_rows`` (every rank passes HybridEP the same T)."""
+    rows = torch.empty(num_rows, x.shape[1], dtype=x.dtype, device=x.device)
+    rows[:x.shape[0]].copy_(x)
+    rows[x.shape[0]:].zero_()
     return rows
 
 
@@ -415,9 +423,6 @@ SETTINGS = declare(
            "ranks at every dispatch (one small all_reduce + host sync), padding every rank to the largest T of "
            "that dispatch; `0`: once per input shape, then every rank pads to the buffer's capacity and a larger "
            "batch is a local error naming `MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK`.", Boolean()),
-    EnvVar("MCORE_EP_HYBRIDEP_ROW_WIDTH_ALIGN", "16", "Rows travel as hidden + expert-id columns; their width is "
-           "rounded up to a multiple of this many elements (a multiple of 16; e.g. 128 keeps hidden 7168's 256-byte "
-           "alignment at the cost of 112 more columns).", Integer(16, 4096)),
 )
 
 
@@ -432,7 +437,7 @@ def ep_register_backends():
             probe=_probe,
             settings=SETTINGS,
             capabilities=Capabilities(devices=("cuda",), fp8_dispatch=False, uneven_tokens=True, async_overlap=False,
-                                      deterministic_order=False, internode=False),
+                                      deterministic_order=False, internode=False, repeated_experts=False),
             description="DeepEP HybridEPBuffer (hybrid-ep branch), padded to equal T; emulator-tested only",
         )
     ]

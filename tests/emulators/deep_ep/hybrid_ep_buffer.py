@@ -97,10 +97,18 @@ def _hybrid_metadata_preprocessing(buf, config, routing_map, num_of_tokens):
         src_idx.append(sel)
         local_maps.append(mine[sel])
     src_map = torch.stack([torch.cat(src_rank), torch.cat(src_idx)])
-    num_dispatched = torch.tensor([src_map.shape[1]], dtype=torch.int32)
+    num_recv = src_map.shape[1]
+    num_dispatched = torch.tensor([num_recv], dtype=torch.int32)
+    # mirrors DeepEP csrc/hybrid_ep/executor/executor.cu:110-112 local_expert_routing_map = torch::empty(
+    # {T * ranks_per_node * nodes, experts_per_rank}) (94a9f8f6): only the first num_dispatched rows are written (by
+    # the preprocessing kernel, row n = the n-th dispatched token, hybrid_ep_backend.cuh:5450-5456); the rest is
+    # uninitialised memory, filled here with set bits so that a reader ignoring num_dispatched counts garbage
+    rows = num_of_tokens * config.num_of_ranks_per_node * config.num_of_nodes
+    local_map = torch.ones(max(rows, num_recv), local, dtype=torch.bool)
+    local_map[:num_recv] = torch.cat(local_maps)
     # the real handle's 7 fields: sparse_to_dense_map, rdma_to_attn_map, attn_to_rdma_map,
     # num_dispatched_tokens_tensor, local_expert_routing_map, num_of_tokens_per_rank, config
-    return (src_map, None, None, num_dispatched, torch.cat(local_maps), num_of_tokens, config)
+    return (src_map, None, None, num_dispatched, local_map, num_of_tokens, config)
 
 
 class HybridEPBuffer:
