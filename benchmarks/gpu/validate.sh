@@ -23,6 +23,9 @@
 #                agreeing once, the ncclep GPU test, fp8, T=8192
 #     lease4     FP8 (legacy, elastic), ncclep agreeing once with MAX_TOKENS pinned, trace_slot.py for hybridep at
 #                T=4096, hybridep with 128-aligned rows
+#     lease6     torch backend GPU tests, ep_bench bf16 T=4096 torch+legacy+elastic, hybridep (GPU test, ep_bench,
+#                train_moe), torch at T=8192
+#     torch_only the torch backend with torch's own NCCL, no DeepEP: token sweep, time per piece, trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
 #                the torch backend's one-host-sync GPU test
 #     ncclep_only  NCCL 2.30.7 + nccl.ep, no DeepEP build: ep_bench torch+ncclep (T=256, 4096; bare nccl.ep as
@@ -193,6 +196,22 @@ for stage in "$@"; do
       export PYTHONPATH=$ROOT:$NCCLEP_SITE${PYTHONPATH:+:$PYTHONPATH}; machine_info
       step bench_ncclep_once 70 env MCORE_EP_NCCLEP_CHECK_EACH_DISPATCH=0 MCORE_EP_NCCLEP_MAX_TOKENS_PER_RANK=4096 bash -c 'bench --backends ncclep --tokens 256,4096 --iters 30 --warmup 5 --name ncclep_once'
       step gpu_tests_torch_sync 45 $PY -m pytest -v -rA tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine
+      ;;
+    lease6)  # hybridep without appended id columns, the torch backend's combine add, in one command after staging
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"; machine_info
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_deepep.txt" 2>&1
+      step gpu_tests_torch 80 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "torch or one_host_sync" --junitxml "$RES/gpu_tests_torch.xml"
+      step bench_bf16_T4096 120 bench --backends torch,legacy,elastic --iters 30 --name bf16_T4096
+      for i in $(seq 60); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      hybridep_steps 100 80 90
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"
+      step bench_torch_T8192 60 bench --backends torch --tokens 8192 --iters 30 --name torch_T8192
+      ;;
+    torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
+      export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info
+      step bench_torch_sweep 150 bench --backends torch --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name torch_sweep
+      step profile_torch 100 run2 benchmarks/profile_torch_backend.py --impl sum1=.payload_extra/sum1_torch_a2a.py --impl add=installed --tokens 256,4096 --backward --out "$RES/profile_torch_backend"
+      step trace_torch 60 env TRACE_BACKEND=torch TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
