@@ -26,9 +26,8 @@ How (shapes: T tokens, K top-k, R ranks, L = E/R experts per rank, S rows sent, 
   host sync makes the GPU wait for all of it.
 * Combine receives the rows back into a buffer whose row 0 is a spare (zero) row, and sums them per
   token over precomputed positions (``[T, min(R, K)]``, empty slots pointing at row 0). With at most two
-  rows per token (two ranks, or top-1/top-2) an elementwise add (two values add in fp32 and round once, in
-  either order): on two ranks a gather of the rank-0 rows into place and an ``index_add_`` of the rank-1
-  block at its tokens (each row added once: no atomics meet), else a gather of both rows and an add; else
+  rows per token (two ranks, or top-1/top-2) a gather of both rows side by side and one elementwise add of
+  the halves (two values add in fp32 and round once, in either order); else
   ``embedding_bag(mode="sum", padding_idx=0)``, on CPU fbgemm's fast path for fp32/fp16 (the padding path
   for bf16, which rounds ties to even where fbgemm's bf16 output does not). Always fp32 accumulation in
   ascending destination order and one rounding to the input dtype: exactly "fp32 sum over destination
@@ -219,23 +218,17 @@ class TorchA2ABackend:
         bags = h.bags
         width = bags.shape[1]
         if width <= 2 and (x.is_cuda or x.dtype == torch.bfloat16):
-            # a token's (at most) two rows: an elementwise add of two values computes in fp32 and rounds once, in
-            # either order, the same bits as the fp32 sum then cast. (embedding_bag's kernel alone took 422 us at
-            # T=4096 H=7168 bf16 on H200; a gather of both rows + .sum(1) took 67 + 123 us, the strided reduction
-            # being the slow part.)
+            # a token's (at most) two rows gathered side by side, then one elementwise add of the two halves: two
+            # values add in fp32 and round once, in either order, the same bits as the fp32 sum then cast. On H200
+            # at T=4096 H=7168 bf16: embedding_bag's kernel alone took 422 us, the gather 67 us, a .sum(1) of the
+            # pair 123 us (a strided reduction), and index_add_ of the peer's block into the gathered rank-0 rows
+            # made combine 100 us slower than .sum(1) (bf16 atomics).
             back[0].zero_()
             if width == 1:
                 combined = back.index_select(0, bags.view(-1))
-            elif len(h.send_splits) == 2:
-                # two ranks: rows for rank 0 are gathered into place (the spare zero row where a token did not go
-                # there), rank 1's block is added at its tokens' rows (one row each: no two adds meet, no atomics
-                # race). One pass over T rows fewer than gathering both.
-                combined = back.index_select(0, bags[:, 0])
-                first = 1 + h.send_splits[0]
-                combined.index_add_(0, h.token_ids[h.send_splits[0]:], back[first:])
             else:
                 both = back.index_select(0, bags.view(-1)).view(bags.shape[0], 2, x.shape[1])
-                combined = both[:, 0] + both[:, 1]
+                combined = torch.add(both[:, 0], both[:, 1])
         elif x.is_cuda or x.dtype == torch.bfloat16:
             # more than two rows: embedding_bag accumulates in fp32 in bag order; the spare row is skipped as
             # padding (on CPU fbgemm's bf16 fast path rounds ties away from zero, the padding path to even)
