@@ -25,7 +25,8 @@
 #                T=4096, hybridep with 128-aligned rows
 #     lease6     torch backend GPU tests, ep_bench bf16 T=4096 torch+legacy+elastic, hybridep (GPU test, ep_bench,
 #                train_moe), torch at T=8192
-#     torch_only the torch backend with torch's own NCCL, no DeepEP: token sweep, time per piece, trace at T=4096
+#     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
+#                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
 #                the torch backend's one-host-sync GPU test
 #     ncclep_only  NCCL 2.30.7 + nccl.ep, no DeepEP build: ep_bench torch+ncclep (T=256, 4096; bare nccl.ep as
@@ -209,6 +210,9 @@ for stage in "$@"; do
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info
+      step gpu_tests_torch 80 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "torch or one_host_sync" --junitxml "$RES/gpu_tests_torch.xml"
+      step bench_torch_T4096 60 bench --backends torch --tokens 4096 --iters 30 --name torch_T4096
+      step bench_torch_T8192 60 bench --backends torch --tokens 8192 --iters 30 --name torch_T8192
       step bench_torch_sweep 150 bench --backends torch --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name torch_sweep
       step profile_torch 100 run2 benchmarks/profile_torch_backend.py --impl sum1=.payload_extra/sum1_torch_a2a.py --impl add=installed --tokens 256,4096 --backward --out "$RES/profile_torch_backend"
       step trace_torch 60 env TRACE_BACKEND=torch TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
