@@ -1505,3 +1505,35 @@ def test_elastic_settings_hybrid_mode(deepep_emulator, monkeypatch):
     monkeypatch.setenv("EP_DISABLE_GIN", "1")
     key = make_backend("elastic").agreement_key()
     assert key["num_allocated_qps"] == 4 and key["allow_hybrid_mode"] is False and key["max_tokens_per_rank"] is None
+
+
+def _hybridep_graph_capture_fails(rank, world):
+    """Routing-map graphs forced on where capture cannot work (CPU: no CUDA): the second dispatch of a shape tries to
+    capture, fails, logs one warning and runs eagerly; results stay those of a backend that never tried."""
+    import logging
+
+    import torch.distributed as dist
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logging.getLogger("megatron_ep_plugins").addHandler(Keep())
+    tried, plain, group = make_backend("hybridep"), make_backend("hybridep"), dist.group.WORLD
+    tried._graph_devices = ("cpu", "cuda")  # as on CUDA: the shape's second dispatch tries to capture
+    same = []
+    for i in range(3):
+        x, idx, w = _tokens(12, HIDDEN, 2, 4, seed=10 * i + rank)
+        a, b = tried.dispatch(x, idx, w, 4, group), plain.dispatch(x, idx, w, 4, group)
+        same.append(all(torch.equal(u, v) for u, v in zip(a[:4], b[:4])))
+    return same, sum(v is None for v in tried._graphs.values()), [m for m in records if "CUDA graph capture" in m]
+
+
+def test_hybridep_failed_graph_capture_falls_back_to_eager_with_one_warning(deepep_emulator):
+    deepep_emulator("v1")
+    for same, failed, warnings in run_ranks(_hybridep_graph_capture_fails, 2):
+        assert all(same), same
+        assert failed == 1 and len(warnings) == 1, (failed, warnings)
+        assert "runs eagerly" in warnings[0] and "MCORE_EP_HYBRIDEP_CUDA_GRAPHS=0" in warnings[0]

@@ -119,6 +119,49 @@ def test_real_deepep_matches_reference(backend_name):
     assert counts == [len(DEEPEP_SCENARIOS) * 2] * n
 
 
+def _rank_hybridep_graph_replays(rank, world):
+    """``hybridep`` with its routing map and probs replayed as a CUDA graph against the same adapter launching them
+    op by op: one shape, a new routing each time (masked entries included), every handle used only after all
+    dispatches (the graph's outputs are rewritten by each replay; HybridEP must have consumed them by then)."""
+    import torch.distributed as dist
+
+    from test_deepep_backends import make_backend
+
+    graphed, eager, g = make_backend("hybridep"), make_backend("hybridep"), dist.group.WORLD
+    eager._cuda_graphs = False
+    tokens, hidden, topk, num_experts = 96, 256, 4, 4 * world
+    kept = []
+    for i in range(5):
+        gen = torch.Generator().manual_seed(100 * i + rank)
+        x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
+        idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices
+        idx[torch.rand(tokens, topk, generator=gen) < 0.2] = -1
+        idx, w = idx.cuda(), torch.rand(tokens, topk, generator=gen).cuda()
+        kept.append((x, graphed.dispatch(x, idx, w, num_experts, g), eager.dispatch(x, idx, w, num_experts, g)))
+    same = []
+    for x, rg, re in kept:
+        same.append(all(torch.equal(a, b) for a, b in zip(rg[:4], re[:4])))
+        grads = torch.rand_like(re.recv_topk_weights)
+        for a, b in zip(graphed.combine(re.recv_x, rg.handle, g, topk_weights=grads),
+                        eager.combine(re.recv_x, re.handle, g, topk_weights=grads)):
+            same.append(torch.equal(a, b))
+    return sum(v is not None for v in graphed._graphs.values()), len(eager._graphs), same
+
+
+def test_hybridep_routing_graph_matches_eager():
+    from megatron_ep_plugins.api import list_backends
+
+    if world() < 2:
+        pytest.skip("HybridEP needs an expert-parallel group of at least 2 GPUs")
+    verdict = {c.spec.name: c.availability for c in list_backends()[1]}["hybridep"]
+    if not verdict:
+        pytest.skip(f"hybridep unavailable: {verdict.reason}")
+    for captured, eager_graphs, same in run_ranks(_rank_hybridep_graph_replays, world(), backend="nccl", env=GPU_ENV,
+                                                  timeout=300):
+        assert captured == 1 and eager_graphs == 0
+        assert all(same), same
+
+
 @pytest.mark.parametrize("cls_name", ["Buffer", "ElasticBuffer", "HybridEPBuffer"])
 def test_real_deepep_objects_fail_like_the_emulator(cls_name):
     """The facts tests/test_deepep_backends.py checks on the CPU emulator, checked on the real library: only

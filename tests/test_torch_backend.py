@@ -346,7 +346,7 @@ def _rank_graph_capture_fails(rank, world):
         def emit(self, record):
             records.append(record.getMessage())
 
-    torch_a2a.log.addHandler(Keep())
+    logging.getLogger("megatron_ep_plugins").addHandler(Keep())
     tried, plain, g = torch_a2a.TorchA2ABackend(), torch_a2a.TorchA2ABackend(), dist.group.WORLD
     same = []
     for i in range(3):

@@ -38,8 +38,10 @@ the agreed largest T rounded up to a multiple of 64 (grown, on every rank togeth
 at an agreement; in steady state a larger T is a local error naming the variables to set). Only bf16 tokens
 (HybridEP moves 2-byte elements); FP8 is not supported by this adapter. Hot path: the argument checks, size
 rules and T agreement run once per call key (see ``_deepep_common``); every dispatch still builds the routing
-map and probs above (seven small kernels), rebuilds the received routing from the handle (six) and copies the
-per-expert counts to the host once (the contract's CPU counts).
+map and probs above (seven small kernels; on CUDA one CUDA graph replay per input shape from its second
+dispatch on, ``MCORE_EP_HYBRIDEP_CUDA_GRAPHS``), rebuilds the received routing from the handle (six kernels,
+launched while HybridEP's dispatch kernel runs) and copies the per-expert counts to the host once (the
+contract's CPU counts).
 
 Size rules of the real library, checked up front (``InvalidInputError`` on every rank alike, after the
 rank agreement). Sources: DeepEP branch ``hybrid-ep`` 94a9f8f6.
@@ -78,6 +80,7 @@ from ..config import declare, read_bool, read_int
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer
+from ._cuda_graph import capture
 from ._deepep_common import (agree_on_inputs, check_dispatch_args, check_handle, device_sm_count, dispatch_key,
                              probe_deep_ep, rule_error)
 
@@ -91,6 +94,8 @@ _ROW_ALIGN = 4  # pad T to a multiple of 4: (T % chunk) x ranks per domain x 4 b
 _MIN_BUFFER_TOKENS = 512  # config.cuh:386
 _QP_MAX_TX_DEPTH = 65536  # config.cuh:18-20
 _FALLBACK = "or the 'legacy'/'torch' backend"
+_MISSING = object()
+_MAX_GRAPHS = 16  # routing-map graphs kept per backend; later shapes run eagerly
 
 
 def _padded_max_tokens(max_tokens: int, chunk_combine: int) -> int:
@@ -190,6 +195,10 @@ class HybridEPBackend:
         self._groups: dict[Any, _GroupState] = {}
         self._ok: set[tuple] = set()  # validated dispatch keys
         self._ranks_desc: dict[tuple, Any] = {}  # (L, device) -> [L, L-1, ..., 1]: ranks owned bits by local id
+        self._cuda_graphs = read_bool("MCORE_EP_HYBRIDEP_CUDA_GRAPHS")
+        self._graph_devices = ("cuda",)  # device types whose shapes get a graph (tests add "cpu" to see capture fail)
+        self._graphs: dict[tuple, Optional[_MapGraph]] = {}  # shape -> captured routing-map graph (None: failed)
+        self._seen: set = set()  # shapes dispatched once, eagerly
 
     def set_num_sms(self, num_sms: int) -> None:
         if not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms <= 0:
@@ -294,17 +303,7 @@ class HybridEPBackend:
         self._get_buffer(group, st, max_t, local, hidden, num_experts)
         buffer = st.buffer
 
-        # the routing map and per-expert probs HybridEP takes; padded rows and -1 entries select no expert. The
-        # map is built with amax over uint8 (viewed as bool) so that a clamped -1 (0 at column 0) never hides a
-        # real entry, the probs with a sum (a masked entry adds 0)
-        valid = topk_idx >= 0
-        safe = topk_idx.clamp(min=0)
-        hits = torch.zeros(max_t, num_experts, dtype=torch.uint8, device=device)
-        routing_map = hits.view(torch.bool)
-        probs = torch.zeros(max_t, num_experts, dtype=torch.float32, device=device)
-        if num_tokens:
-            hits[:num_tokens].scatter_reduce_(1, safe, valid.view(torch.uint8), "amax")
-            probs[:num_tokens].scatter_add_(1, safe, topk_weights * valid)
+        routing_map, probs = self._routing_inputs(topk_idx, topk_weights, max_t, num_experts)
         rows = x if max_t == num_tokens else _pad_rows(torch, x, max_t)
 
         tokens, dprobs, _, raw = buffer.dispatch(hidden=rows, routing_map=routing_map, probs=probs,
@@ -314,6 +313,23 @@ class HybridEPBackend:
         handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, num_experts,
                                 st.prob_offset, local, local * st.ranks_per_domain)
         return DispatchResult(tokens, recv_idx, recv_w, tokens_per_expert, handle)
+
+    def _routing_inputs(self, topk_idx, topk_weights, max_t: int, num_experts: int):
+        """:func:`_routing_inputs` for this dispatch; on CUDA, from the second dispatch of a shape on, one replay of a
+        CUDA graph captured for that shape (:class:`_MapGraph`; ``MCORE_EP_HYBRIDEP_CUDA_GRAPHS=0``: never)."""
+        torch = self._torch
+        if not self._cuda_graphs or topk_idx.device.type not in self._graph_devices or not topk_idx.shape[0]:
+            return _routing_inputs(torch, topk_idx, topk_weights, max_t, num_experts)
+        key = (topk_idx.device, topk_idx.shape, topk_weights.dtype, max_t, num_experts)
+        graph = self._graphs.get(key, _MISSING)
+        if graph is _MISSING:
+            if key not in self._seen or len(self._graphs) >= _MAX_GRAPHS:  # a shape seen once is not worth a graph
+                self._seen.add(key)
+                return _routing_inputs(torch, topk_idx, topk_weights, max_t, num_experts)
+            graph = self._graphs[key] = _MapGraph.capture(torch, topk_idx, topk_weights, max_t, num_experts)
+        if graph is None:  # capture failed once (logged): eager for this shape
+            return _routing_inputs(torch, topk_idx, topk_weights, max_t, num_experts)
+        return graph(topk_idx, topk_weights)
 
     def _received_routing(self, local_map, num_recv: int, dprobs, local: int, topk: int, offset: int):
         """``(recv_topk_idx [N, K], recv_topk_weights [N, K], tokens_per_expert)`` from HybridEP's handle.
@@ -383,6 +399,48 @@ class HybridEPBackend:
         return out, combined_w
 
 
+def _routing_inputs(torch, topk_idx, topk_weights, max_t: int, num_experts: int):
+    """HybridEP's ``routing_map [max_t, E]`` bool and ``probs [max_t, E]`` fp32 from the token-major top-k: rows past
+    ``T`` (padding) and ``-1`` entries select no expert. The map is an amax over uint8 (viewed as bool), so a
+    clamped ``-1`` (0 at column 0) never hides a real entry; the probs a sum (a masked entry adds 0). Seven
+    kernels, fixed shapes, no host sync: :class:`_MapGraph` captures them."""
+    num_tokens = topk_idx.shape[0]
+    valid = topk_idx >= 0
+    safe = topk_idx.clamp(min=0)
+    hits = torch.zeros(max_t, num_experts, dtype=torch.uint8, device=topk_idx.device)
+    probs = torch.zeros(max_t, num_experts, dtype=torch.float32, device=topk_idx.device)
+    if num_tokens:
+        hits[:num_tokens].scatter_reduce_(1, safe, valid.view(torch.uint8), "amax")
+        probs[:num_tokens].scatter_add_(1, safe, topk_weights * valid)
+    return hits.view(torch.bool), probs
+
+
+class _MapGraph:
+    """:func:`_routing_inputs` for one shape as a CUDA graph: two input copies and one replay instead of seven
+    launches, which HybridEP's preprocessing sync would expose (10-20 us of host time each on H200). The outputs
+    are the graph's own tensors, rewritten by the next replay, and are not copied out: HybridEP has consumed them
+    by then (its routing-map all-gather completes before ``dispatch``'s host sync; the dispatch kernel reads the
+    probs on the current stream, ahead of any later replay there), and the handle keeps neither."""
+
+    def __init__(self, graph, idx, weights, outputs):
+        self.graph, self.idx, self.weights, self.outputs = graph, idx, weights, outputs
+
+    @classmethod
+    def capture(cls, torch, topk_idx, topk_weights, max_t: int, num_experts: int) -> Optional["_MapGraph"]:
+        static_idx = torch.zeros_like(topk_idx)  # expert 0 everywhere: a valid routing for the warm-up
+        static_w = torch.zeros_like(topk_weights)
+        captured = capture(lambda: _routing_inputs(torch, static_idx, static_w, max_t, num_experts),
+                           topk_idx.device, f"backend 'hybridep': routing map for T={topk_idx.shape[0]} "
+                           "(MCORE_EP_HYBRIDEP_CUDA_GRAPHS=0 turns capture off)")
+        return None if captured is None else cls(captured[0], static_idx, static_w, captured[1])
+
+    def __call__(self, topk_idx, topk_weights):
+        self.idx.copy_(topk_idx)
+        self.weights.copy_(topk_weights)
+        self.graph.replay()
+        return self.outputs
+
+
 def _pad_rows(torch, x, num_rows: int):
     """``x`` followed by zero rows up to ``num_rows`` (every rank passes HybridEP the same T)."""
     rows = torch.empty(num_rows, x.shape[1], dtype=x.dtype, device=x.device)
@@ -419,6 +477,9 @@ def _probe() -> Availability:
 SETTINGS = declare(
     EnvVar("MCORE_EP_HYBRIDEP_MAX_TOKENS_PER_RANK", "", "HybridEP `max_num_of_tokens_per_rank`; unset: the "
            "largest token count seen on any rank, rounded up to a multiple of 64.", Integer(1, 1 << 20)),
+    EnvVar("MCORE_EP_HYBRIDEP_CUDA_GRAPHS", "1", "`1`: on CUDA, build HybridEP's routing map and probs from the "
+           "top-k (seven small kernels before its preprocessing sync) as one CUDA graph replay per input shape, "
+           "captured at the shape's second dispatch (at most 16 kept); `0`: launch them one by one.", Boolean()),
     EnvVar("MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH", "0", "`1`: agree on token count, shapes and expert ids across "
            "ranks at every dispatch (one small all_reduce + host sync), padding every rank to the largest T of "
            "that dispatch; `0`: once per input shape, then every rank pads to the buffer's capacity and a larger "

@@ -39,7 +39,6 @@ How (shapes: T tokens, K top-k, R ranks, L = E/R experts per rank, S rows sent, 
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional
@@ -48,13 +47,12 @@ from ..config import declare, read_bool
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar
+from ._cuda_graph import capture
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["SETTINGS", "TorchA2ABackend", "TorchA2AHandle", "ep_register_backends"]
-
-log = logging.getLogger("megatron_ep_plugins")
 
 # Header columns sent to every destination rank (int64), then the per-expert counts.
 _COUNT, _BAD, _HIDDEN, _TOPK, _DTYPE, _NUM_FIXED = 0, 1, 2, 3, 4, 5
@@ -98,6 +96,7 @@ class TorchA2ABackend:
         self._consts: dict = {}  # (device, R, E, hidden, topk, dtype) -> _Consts
         self._graphs: dict = {}  # (consts key, T, idx dtype) -> _RouteGraph, or None where capture failed
         self._seen: set = set()  # shapes dispatched once, eagerly (captured at their second dispatch)
+        self._host: dict = {}  # (device, header shape) -> (pinned host buffer, CUDA event)
 
     # -- EPBackend -----------------------------------------------------------------------------
     def set_num_sms(self, num_sms: int) -> None:
@@ -122,16 +121,15 @@ class TorchA2ABackend:
         # -- routing, header and index building (device only, no sync; one CUDA graph replay once warm) ------
         c = self._constants(device, world, num_experts, hidden, topk, x.dtype)
         r = self._routing(c, topk_idx, topk_weights, num_tokens, max_sent)
-        recv_header = torch.empty_like(r.header)
-        dist.all_to_all_single(recv_header, r.header, group=group)
+        headers = r.headers  # [2, R, 5 + L]: [0] what this rank sends, [1] what it receives
+        dist.all_to_all_single(headers[1], headers[0], group=group)
         if on_cuda:
-            host = torch.empty((2,) + tuple(r.header.shape), dtype=torch.int64, pin_memory=True)
-            host[0].copy_(r.header, non_blocking=True)
-            host[1].copy_(recv_header, non_blocking=True)
-            header_ready = torch.cuda.Event()
+            # one copy of both headers into a pinned buffer kept per shape (read before the next dispatch reuses it)
+            host, header_ready = self._host_buffer(headers)
+            host.copy_(headers, non_blocking=True)
             header_ready.record()
         else:
-            host = torch.stack([r.header, recv_header])
+            host = headers
         early = on_cuda if self.gather_before_sync is None else self.gather_before_sync
         rows = x.index_select(0, r.token_ids) if early else None  # upper-bound size, overlaps the host's wait
 
@@ -152,10 +150,23 @@ class TorchA2ABackend:
         dist.all_to_all_single(recv_meta, r.meta[:num_sent], recv_splits, send_splits, group=group)
         recv_idx = recv_meta[:, :topk].long()
         recv_w = recv_meta[:, topk:].view(torch.float32).contiguous()
-        tokens_per_expert = host[1, :, _NUM_FIXED:].sum(0)
+        tokens_per_expert = host[1, :, _NUM_FIXED:].sum(0)  # a fresh tensor: the pinned buffer is reused
         handle = TorchA2AHandle(r.token_ids[:num_sent], r.bags, r.weight_rows, r.slots, send_splits, recv_splits,
                                 num_tokens, num_experts, num_sent, num_recv)
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
+
+    def _host_buffer(self, headers):
+        """The pinned host buffer for this header shape and the event that says the copy into it is done: made
+        once, reused by every dispatch (saves a pinned allocation and an event per call; a dispatch reads the
+        buffer right after waiting on the event, before any later dispatch can write it)."""
+        import torch
+
+        key = (headers.device, headers.shape)
+        entry = self._host.get(key)
+        if entry is None:
+            entry = self._host[key] = (torch.empty(headers.shape, dtype=headers.dtype, pin_memory=True),
+                                       torch.cuda.Event())
+        return entry
 
     def _routing(self, c: "_Consts", idx, weights, num_tokens: int, max_sent: int) -> "_Routing":
         """:func:`_route` on this dispatch's inputs; on CUDA, from the second dispatch of a shape on, as one
@@ -292,7 +303,8 @@ class _Consts:
 class _Routing(NamedTuple):
     """What a dispatch computes before it knows the split sizes (all sizes upper bounds: S <= min(R, K) * T)."""
 
-    header: "torch.Tensor"  # [R, 5 + L] int64: row d is what this rank tells rank d (see the _COUNT.. columns)
+    headers: "torch.Tensor"  # [2, R, 5 + L] int64: [0] row d is what this rank tells rank d (the _COUNT.. columns);
+    #                          [1] receives what the ranks tell this one (zeros until the exchange)
     token_ids: "torch.Tensor"  # [max_sent] source token of each sent row, destination-major, tokens ascending
     meta: "torch.Tensor"  # [max_sent, 2K] int32 per sent row: local expert ids, then the weights' bits
     bags: "torch.Tensor"  # [T, min(R, K)] 1 + send position of each of a token's rows, 0 (spare row) where none
@@ -317,8 +329,9 @@ def _route(c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> _Ro
     hist.scatter_add_(0, code.reshape(-1), c.ones.expand(code.numel()))
     slots = c.slot_of_code.take(code)  # [T, K] destination rank + 1, 0 = routed nowhere (masked or bad)
     in_rank = (slots.unsqueeze(2) == c.ranks).any(1)  # [T, R]
-    header = torch.cat([in_rank.sum(0).view(world, 1), hist[num_experts + 1:].expand(world, 1), c.header,
-                        hist[1:num_experts + 1].view(world, c.local)], dim=1)
+    headers = torch.zeros(2, world, _NUM_FIXED + c.local, dtype=torch.int64, device=idx.device)
+    torch.cat([in_rank.sum(0).view(world, 1), hist[num_experts + 1:].expand(world, 1), c.header,
+               hist[1:num_experts + 1].view(world, c.local)], dim=1, out=headers[0])
     dest_major = in_rank.t()  # [R, T]
     pairs = torch.nonzero_static(dest_major, size=max_sent, fill_value=0)  # (destination, token), padded
     row_dest, token_ids = pairs[:, 0], pairs[:, 1]
@@ -331,7 +344,7 @@ def _route(c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> _Ro
         bags = positions.gather(1, distinct)
     else:
         bags = positions[:, 1:].contiguous()
-    return _Routing(header, token_ids, meta, bags, positions.gather(1, slots), slots)
+    return _Routing(headers, token_ids, meta, bags, positions.gather(1, slots), slots)
 
 
 def _pack(r: _Routing) -> tuple:
@@ -353,41 +366,23 @@ class _RouteGraph:
         import torch
 
         self.graph, self.idx, self.weights, self.flat = graph, idx, weights, flat
-        self.plan = []  # (start, end, shape, int32?) of each _Routing field in the flat int64 block, computed once
-        offset = 0
-        for shape, dtype in layout:
-            n = math.prod(shape) // (2 if dtype == torch.int32 else 1)
-            self.plan.append((offset, offset + n, shape, dtype == torch.int32))
-            offset += n
+        #: each _Routing field's int64 count in the flat block, then (shape, int32?) to view it as; computed once
+        self.sizes = [math.prod(shape) // (2 if dtype == torch.int32 else 1) for shape, dtype in layout]
+        self.plan = [(shape, dtype == torch.int32) for shape, dtype in layout]
 
     @classmethod
     def capture(cls, c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> Optional["_RouteGraph"]:
         import torch
 
-        try:
-            static_idx = torch.zeros_like(topk_idx)  # expert 0 everywhere: valid routing for the warm-up
-            static_w = torch.zeros_like(weights)
-
-            def run():
-                return _pack(_route(c, static_idx, static_w, num_tokens, max_sent))
-
-            with torch.cuda.device(topk_idx.device):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, library handles, workspaces
-                    run()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: the process group's watchdog thread queries CUDA events while this thread captures.
-                # (Entering capture synchronises the device and runs gc.collect(): once per token count.)
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    flat, layout = run()
-            return cls(graph, static_idx, static_w, flat, layout)
-        except Exception as exc:  # noqa: BLE001 - a missed optimisation, never an error: eager for this shape
-            log.warning("backend 'torch': CUDA graph capture of the routing for T=%d failed (%s: %s); this shape "
-                        "runs eagerly (MCORE_EP_TORCH_CUDA_GRAPHS=0 turns capture off)", num_tokens,
-                        type(exc).__name__, exc)
+        static_idx = torch.zeros_like(topk_idx)  # expert 0 everywhere: valid routing for the warm-up
+        static_w = torch.zeros_like(weights)
+        captured = capture(lambda: _pack(_route(c, static_idx, static_w, num_tokens, max_sent)), topk_idx.device,
+                           f"backend 'torch': routing for T={num_tokens} (MCORE_EP_TORCH_CUDA_GRAPHS=0 turns "
+                           "capture off)")
+        if captured is None:
             return None
+        graph, (flat, layout) = captured
+        return cls(graph, static_idx, static_w, flat, layout)
 
     def __call__(self, topk_idx, weights) -> _Routing:
         import torch
@@ -395,10 +390,10 @@ class _RouteGraph:
         self.idx.copy_(topk_idx)
         self.weights.copy_(weights)
         self.graph.replay()
-        flat = self.flat.clone()
+        parts = self.flat.clone().split(self.sizes)  # one copy out of the graph's memory, sliced by one call
         int32 = torch.int32
-        return _Routing(*(flat[a:b].view(int32).view(shape) if as_int32 else flat[a:b].view(shape)
-                          for a, b, shape, as_int32 in self.plan))
+        return _Routing(*(t.view(int32).view(shape) if as_int32 else t.view(shape)
+                          for t, (shape, as_int32) in zip(parts, self.plan)))
 
 
 def _pack_meta(idx, weights, slots, token_ids, row_dest, local: int, fill) -> "torch.Tensor":
