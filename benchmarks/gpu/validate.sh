@@ -25,6 +25,8 @@
 #                T=4096, hybridep with 128-aligned rows
 #     lease6     torch backend GPU tests, ep_bench bf16 T=4096 torch+legacy+elastic, hybridep (GPU test, ep_bench,
 #                train_moe), torch at T=8192
+#     lease7     torch GPU tests, ep_bench T=4096 torch+legacy+elastic, hybridep (GPU tests incl. its routing-map graph,
+#                ep_bench, train_moe), torch token sweep, trace_slot.py for hybridep at T=4096
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -207,6 +209,21 @@ for stage in "$@"; do
       hybridep_steps 100 80 90
       tree "$DEEPEP_DIR:$NCCLEP_SITE"
       step bench_torch_T8192 60 bench --backends torch --tokens 8192 --iters 30 --name torch_T8192
+      ;;
+    lease7)  # after the hybridep routing-map graph and the torch header trims: tests, T=4096, hybridep, torch sweep
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"; machine_info
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_deepep.txt" 2>&1
+      step gpu_tests_torch 70 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "torch or one_host_sync" --junitxml "$RES/gpu_tests_torch.xml"
+      step bench_bf16_T4096 110 bench --backends torch,legacy,elastic --iters 30 --name bf16_T4096
+      for i in $(seq 60); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$HYBRIDEP_DIR"
+      step gpu_tests_hybridep 110 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
+      step bench_hybridep_T4096 70 bench --backends torch,hybridep --iters 30 --name hybridep_bf16_T4096
+      step train_hybridep 80 train hybridep --backend hybridep
+      tree "$DEEPEP_DIR:$NCCLEP_SITE"
+      step bench_torch_sweep 50 bench --backends torch --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name torch_sweep
+      tree "$HYBRIDEP_DIR"
+      step trace_slot_hybridep 50 env TRACE_BACKEND=hybridep TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info
