@@ -27,6 +27,8 @@
 #                train_moe), torch at T=8192
 #     lease7     torch GPU tests, ep_bench T=4096 torch+legacy+elastic, hybridep (GPU tests incl. its routing-map graph,
 #                ep_bench, train_moe), torch token sweep, trace_slot.py for hybridep at T=4096
+#     lease8     hybridep: GPU tests, ep_bench with the routing-map graph on and off (alternating, twice), trace_slot.py
+#                at T=4096, train_moe
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -224,6 +226,17 @@ for stage in "$@"; do
       step bench_torch_sweep 50 bench --backends torch --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name torch_sweep
       tree "$HYBRIDEP_DIR"
       step trace_slot_hybridep 50 env TRACE_BACKEND=hybridep TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
+      ;;
+    lease8)  # hybridep's received routing with 8-bit topk scores; routing-map graph on and off, alternating
+      for i in $(seq 90); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$HYBRIDEP_DIR"; machine_info
+      step gpu_tests_hybridep 110 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
+      for run in 1 2; do
+        step bench_hybridep_graph_$run 55 bench --backends hybridep --iters 40 --name hybridep_graph_$run
+        step bench_hybridep_eager_$run 55 env MCORE_EP_HYBRIDEP_CUDA_GRAPHS=0 bash -c "bench --backends hybridep --iters 40 --name hybridep_eager_$run"
+      done
+      step trace_slot_hybridep 50 env TRACE_BACKEND=hybridep TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
+      step train_hybridep 80 train hybridep --backend hybridep
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info

@@ -194,7 +194,7 @@ class HybridEPBackend:
         self.num_sms: Optional[int] = None
         self._groups: dict[Any, _GroupState] = {}
         self._ok: set[tuple] = set()  # validated dispatch keys
-        self._ranks_desc: dict[tuple, Any] = {}  # (L, device) -> [L, L-1, ..., 1]: ranks owned bits by local id
+        self._ranks_desc: dict[tuple, Any] = {}  # (L, device) -> [L, ..., 1] (narrowest int type): ranks owned bits
         self._cuda_graphs = read_bool("MCORE_EP_HYBRIDEP_CUDA_GRAPHS")
         self._graph_devices = ("cuda",)  # device types whose shapes get a graph (tests add "cpu" to see capture fail)
         self._graphs: dict[tuple, Optional[_MapGraph]] = {}  # shape -> captured routing-map graph (None: failed)
@@ -344,9 +344,12 @@ class HybridEPBackend:
         key = (local, lmap.device)
         ranks = self._ranks_desc.get(key)
         if ranks is None:
-            ranks = self._ranks_desc[key] = torch.arange(local, 0, -1, dtype=torch.int64, device=lmap.device)
+            # the narrowest integer type that holds L: topk's radix select makes one pass per 2 bits of the type,
+            # so int64 scores cost 178 us per dispatch at N=8192, L=128 on H200 (trace_slot.py), uint8 ones a 1/8
+            dtype = torch.uint8 if local <= 255 else torch.int16 if local <= 32767 else torch.int32
+            ranks = self._ranks_desc[key] = torch.arange(local, 0, -1, device=lmap.device).to(dtype)
         kk = min(topk, local)
-        score, recv_idx = (lmap * ranks).topk(kk, dim=1)
+        score, recv_idx = (lmap * ranks).topk(kk, dim=1)  # bool x uint8 -> uint8 scores; int64 indices
         recv_w = dprobs.narrow(1, offset, local).gather(1, recv_idx)
         recv_idx.masked_fill_(score == 0, -1)
         if kk < topk:  # more slots than local experts: the rest are never owned
