@@ -236,3 +236,18 @@ def _launch(fn, world_size, args, timeout, env, backend, grace) -> list[RankOutc
             outcome.stdout, outcome.stderr = _read(paths[r][0]), _read(paths[r][1])
         shutil.rmtree(tmp, ignore_errors=True)
     return [done[r] for r in range(world_size)]
+
+
+def package_log_messages() -> list:
+    """A list that collects every message the package's logger (``megatron_ep_plugins``) emits from now on in
+    this process; for checks that run inside a rank."""
+    import logging
+
+    messages: list = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logging.getLogger("megatron_ep_plugins").addHandler(_Keep())
+    return messages

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import package_log_messages, run_ranks
 
 EMULATORS = Path(__file__).resolve().parent / "emulators"
 
@@ -1510,17 +1510,9 @@ def test_elastic_settings_hybrid_mode(deepep_emulator, monkeypatch):
 def _hybridep_graph_capture_fails(rank, world):
     """Routing-map graphs forced on where capture cannot work (CPU: no CUDA): the second dispatch of a shape tries to
     capture, fails, logs one warning and runs eagerly; results stay those of a backend that never tried."""
-    import logging
-
     import torch.distributed as dist
 
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    logging.getLogger("megatron_ep_plugins").addHandler(Keep())
+    records = package_log_messages()
     tried, plain, group = make_backend("hybridep"), make_backend("hybridep"), dist.group.WORLD
     tried._graph_devices = ("cpu", "cuda")  # as on CUDA: the shape's second dispatch tries to capture
     same = []

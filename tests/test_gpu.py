@@ -36,6 +36,17 @@ def test_torch_backend_round_trip_over_nccl():
     check_round_trip(run_ranks(_rank_round_trip, world(), "cuda", backend="nccl", env=GPU_ENV))
 
 
+def _one_shape_routings(rank, num_experts, count=5, tokens=96, hidden=256, topk=4):
+    """``count`` dispatch inputs ``(x, topk_idx, weights)`` on this rank's GPU, all of one shape, each with a new
+    routing (distinct ids, 20 % masked): what a graph captured for the shape must replay correctly."""
+    for i in range(count):
+        gen = torch.Generator().manual_seed(100 * i + rank)
+        x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
+        idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices
+        idx[torch.rand(tokens, topk, generator=gen) < 0.2] = -1
+        yield x, idx.cuda(), torch.rand(tokens, topk, generator=gen).cuda()
+
+
 def _rank_routing_graph_replays(rank, world):
     """Backend ``torch`` with its routing replayed as a CUDA graph against the same backend launching it op by
     op: same shape, a new routing each time, and every handle used only after all dispatches (a handle must
@@ -47,15 +58,9 @@ def _rank_routing_graph_replays(rank, world):
 
     graphed, eager, g = TorchA2ABackend(), TorchA2ABackend(), dist.group.WORLD
     graphed.cuda_graphs, eager.cuda_graphs = True, False
-    tokens, hidden, topk, num_experts = 96, 256, 4, 4 * world
-    kept = []
-    for i in range(5):
-        gen = torch.Generator().manual_seed(100 * i + rank)
-        x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
-        idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices
-        idx[torch.rand(tokens, topk, generator=gen) < 0.2] = -1
-        idx, w = idx.cuda(), torch.rand(tokens, topk, generator=gen).cuda()
-        kept.append((x, graphed.dispatch(x, idx, w, num_experts, g), eager.dispatch(x, idx, w, num_experts, g)))
+    num_experts = 4 * world
+    kept = [(x, graphed.dispatch(x, idx, w, num_experts, g), eager.dispatch(x, idx, w, num_experts, g))
+            for x, idx, w in _one_shape_routings(rank, num_experts)]
     same = []
     for x, rg, re in kept:
         same.append(all(torch.equal(a, b) for a, b in zip(rg[:4], re[:4])))
@@ -129,15 +134,9 @@ def _rank_hybridep_graph_replays(rank, world):
 
     graphed, eager, g = make_backend("hybridep"), make_backend("hybridep"), dist.group.WORLD
     eager._cuda_graphs = False
-    tokens, hidden, topk, num_experts = 96, 256, 4, 4 * world
-    kept = []
-    for i in range(5):
-        gen = torch.Generator().manual_seed(100 * i + rank)
-        x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
-        idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices
-        idx[torch.rand(tokens, topk, generator=gen) < 0.2] = -1
-        idx, w = idx.cuda(), torch.rand(tokens, topk, generator=gen).cuda()
-        kept.append((x, graphed.dispatch(x, idx, w, num_experts, g), eager.dispatch(x, idx, w, num_experts, g)))
+    num_experts = 4 * world
+    kept = [(x, graphed.dispatch(x, idx, w, num_experts, g), eager.dispatch(x, idx, w, num_experts, g))
+            for x, idx, w in _one_shape_routings(rank, num_experts)]
     same = []
     for x, rg, re in kept:
         same.append(all(torch.equal(a, b) for a, b in zip(rg[:4], re[:4])))

@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import package_log_messages, run_ranks
 from oracle import oracle_combine, oracle_dispatch
 
 SCENARIOS = {
@@ -334,19 +334,11 @@ def test_hot_path_has_no_hidden_sync_and_fixed_collectives(topk, per_rank):
 def _rank_graph_capture_fails(rank, world):
     """Routing graphs forced on where capture cannot work (CPU: no CUDA): the second dispatch of a shape tries to
     capture, fails, logs one warning and runs eagerly; results stay those of a backend that never tried."""
-    import logging
-
     import torch.distributed as dist
 
     from megatron_ep_plugins.backends import torch_a2a
 
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    logging.getLogger("megatron_ep_plugins").addHandler(Keep())
+    records = package_log_messages()
     tried, plain, g = torch_a2a.TorchA2ABackend(), torch_a2a.TorchA2ABackend(), dist.group.WORLD
     same = []
     for i in range(3):
