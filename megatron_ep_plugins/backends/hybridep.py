@@ -109,7 +109,8 @@ def check_hybridep_rules(world: int, hidden: int, num_experts: int, ranks_per_do
                          device_sms: Optional[int] = None, use_fp8: bool = False, backend: str = "hybridep") -> None:
     """Raise :class:`InvalidInputError` when ``HybridEPBuffer`` would reject this configuration (module doc).
 
-    ``hidden`` is the tokens' hidden size (the buffer's ``hidden_dim``); ``use_fp8`` the buffer's token type (this adapter builds bf16 buffers; the FP8 rule is here for completeness).
+    ``hidden`` is the tokens' hidden size (the buffer's ``hidden_dim``); ``use_fp8`` the buffer's token type (this
+    adapter builds bf16 buffers; the FP8 rule is here for completeness).
     """
     if ranks_per_domain <= 0 or world % ranks_per_domain:
         raise rule_error(backend, "HybridEP", "group size % ranks per NVLink domain == 0",
@@ -324,6 +325,8 @@ class HybridEPBackend:
         graph = self._graphs.get(key, _MISSING)
         if graph is _MISSING:
             if key not in self._seen or len(self._graphs) >= _MAX_GRAPHS:  # a shape seen once is not worth a graph
+                if len(self._seen) >= 4 * _MAX_GRAPHS:
+                    self._seen.clear()
                 self._seen.add(key)
                 return _routing_inputs(torch, topk_idx, topk_weights, max_t, num_experts)
             graph = self._graphs[key] = _MapGraph.capture(torch, topk_idx, topk_weights, max_t, num_experts)
