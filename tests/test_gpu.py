@@ -47,18 +47,15 @@ def _one_shape_routings(rank, num_experts, count=5, tokens=96, hidden=256, topk=
         yield x, idx.cuda(), torch.rand(tokens, topk, generator=gen).cuda()
 
 
-def _rank_routing_graph_replays(rank, world):
-    """Backend ``torch`` with its routing replayed as a CUDA graph against the same backend launching it op by
-    op: same shape, a new routing each time, and every handle used only after all dispatches (a handle must
-    not share memory with the graph, which the next dispatch of that shape overwrites)."""
+def _graph_vs_eager(graphed, eager, rank, world) -> list:
+    """Dispatch the one-shape routings through both backends, then use every handle only after all dispatches
+    (a handle must not share memory with a graph, which the next dispatch of that shape overwrites): combine with
+    weights and the cached dispatch. One bool per compared result."""
     import torch.distributed as dist
 
-    from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
     from test_torch_backend import _expert
 
-    graphed, eager, g = TorchA2ABackend(), TorchA2ABackend(), dist.group.WORLD
-    graphed.cuda_graphs, eager.cuda_graphs = True, False
-    num_experts = 4 * world
+    g, num_experts = dist.group.WORLD, 4 * world
     kept = [(x, graphed.dispatch(x, idx, w, num_experts, g), eager.dispatch(x, idx, w, num_experts, g))
             for x, idx, w in _one_shape_routings(rank, num_experts)]
     same = []
@@ -70,8 +67,18 @@ def _rank_routing_graph_replays(rank, world):
                         eager.combine(y, re.handle, g, topk_weights=grads)):
             same.append(torch.equal(a, b))
         same.append(torch.equal(graphed.dispatch_cached(x, rg.handle, g), eager.dispatch_cached(x, re.handle, g)))
-    captured = sum(v is not None for v in graphed._graphs.values())
-    return captured, len(eager._graphs), same
+    return same
+
+
+def _rank_routing_graph_replays(rank, world):
+    """Backend ``torch`` with its routing replayed as a CUDA graph against the same backend launching it op by
+    op (``_graph_vs_eager``)."""
+    from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
+
+    graphed, eager = TorchA2ABackend(), TorchA2ABackend()
+    graphed.cuda_graphs, eager.cuda_graphs = True, False
+    same = _graph_vs_eager(graphed, eager, rank, world)
+    return sum(v is not None for v in graphed._graphs.values()), len(eager._graphs), same
 
 
 def test_torch_backend_routing_graph_matches_eager():
@@ -126,24 +133,13 @@ def test_real_deepep_matches_reference(backend_name):
 
 def _rank_hybridep_graph_replays(rank, world):
     """``hybridep`` with its routing map and probs replayed as a CUDA graph against the same adapter launching them
-    op by op: one shape, a new routing each time (masked entries included), every handle used only after all
-    dispatches (the graph's outputs are rewritten by each replay; HybridEP must have consumed them by then)."""
-    import torch.distributed as dist
-
+    op by op (``_graph_vs_eager``; the graph's outputs are rewritten by each replay: HybridEP must have consumed
+    them by then)."""
     from test_deepep_backends import make_backend
 
-    graphed, eager, g = make_backend("hybridep"), make_backend("hybridep"), dist.group.WORLD
+    graphed, eager = make_backend("hybridep"), make_backend("hybridep")
     eager._cuda_graphs = False
-    num_experts = 4 * world
-    kept = [(x, graphed.dispatch(x, idx, w, num_experts, g), eager.dispatch(x, idx, w, num_experts, g))
-            for x, idx, w in _one_shape_routings(rank, num_experts)]
-    same = []
-    for x, rg, re in kept:
-        same.append(all(torch.equal(a, b) for a, b in zip(rg[:4], re[:4])))
-        grads = torch.rand_like(re.recv_topk_weights)
-        for a, b in zip(graphed.combine(re.recv_x, rg.handle, g, topk_weights=grads),
-                        eager.combine(re.recv_x, re.handle, g, topk_weights=grads)):
-            same.append(torch.equal(a, b))
+    same = _graph_vs_eager(graphed, eager, rank, world)
     return sum(v is not None for v in graphed._graphs.values()), len(eager._graphs), same
 
 
