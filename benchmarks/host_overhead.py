@@ -20,7 +20,9 @@ Side by side, in one run, interleaved (each repeat times every case once, round 
 * ``nowork backend``: the no-work backend's methods called directly (the floor of a Python call).
 
 Columns: median microseconds per call of dispatch forward, combine forward, dispatch forward+backward
-(``torch.autograd.grad`` of recv_x and the probs), combine forward+backward. Megatron's flags are used
+(``torch.autograd.grad`` of recv_x and the probs), combine forward+backward, then dispatch and combine with no
+input that requires grad (the evaluation path: the slot calls the backend without an autograd Function,
+Megatron's path still applies its Functions). Megatron's flags are used
 (``async_finish=True, allocate_on_comm_stream=True``, as ``MoEFlexTokenDispatcher`` passes them).
 A second table times the pieces a call is made of. ``--device cuda`` puts the doubles' tensors on a
 GPU (tensor operations on the path then pay CUDA launch costs; what is timed is still host time).
@@ -278,8 +280,16 @@ def path_cases(dispatch, combine, group) -> dict[str, Callable[[], Any]]:
         out = combine(recv, group, handle, **FLAGS)
         return grad(out[0], recv, grad_combined)
 
+    x_eval, probs_eval, recv_eval = x.detach(), probs.detach(), recv.detach()
+
+    def dispatch_eval():  # evaluation path: no input requires grad (the slot then calls the backend directly)
+        return dispatch(x_eval, idx, probs_eval, NUM_EXPERTS, group, **FLAGS)
+
+    def combine_eval():
+        return combine(recv_eval, group, handle, **FLAGS)
+
     return {"dispatch": dispatch_fwd, "combine": combine_fwd, "dispatch+bwd": dispatch_fwd_bwd,
-            "combine+bwd": combine_fwd_bwd}
+            "combine+bwd": combine_fwd_bwd, "dispatch, no grad": dispatch_eval, "combine, no grad": combine_eval}
 
 
 def backend_cases(backend, group) -> dict[str, Callable[[], Any]]:
@@ -302,8 +312,9 @@ def backend_cases(backend, group) -> dict[str, Callable[[], Any]]:
         backend.combine(recv, handle, group, **FLAGS)
         return backend.dispatch_cached(x, handle, group, **FLAGS)
 
+    # no autograd either way: the no-grad columns time the same calls
     return {"dispatch": dispatch_fwd, "combine": combine_fwd, "dispatch+bwd": dispatch_fwd_bwd,
-            "combine+bwd": combine_fwd_bwd}
+            "combine+bwd": combine_fwd_bwd, "dispatch, no grad": dispatch_fwd, "combine, no grad": combine_fwd}
 
 
 def megatron_direct_cases(fused_a2a, group) -> dict[str, Callable[[], Any]]:
@@ -331,7 +342,7 @@ def megatron_direct_cases(fused_a2a, group) -> dict[str, Callable[[], Any]]:
         return fc.backward(c, POOL.combined)
 
     return {"dispatch": dispatch_fwd, "combine": combine_fwd, "dispatch+bwd": dispatch_fwd_bwd,
-            "combine+bwd": combine_fwd_bwd}
+            "combine+bwd": combine_fwd_bwd, "dispatch, no grad": dispatch_fwd, "combine, no grad": combine_fwd}
 
 
 def measure(cases: dict[str, Callable[[], Any]], number: int, repeats: int, warmup: int) -> dict[str, dict]:
@@ -496,7 +507,7 @@ def machine() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "gpu": gpu}
 
 
-COLUMNS = ("dispatch", "combine", "dispatch+bwd", "combine+bwd")
+COLUMNS = ("dispatch", "combine", "dispatch+bwd", "combine+bwd", "dispatch, no grad", "combine, no grad")
 MEGATRON, MEGATRON_BODY = "megatron fused_a2a (fake Buffer)", "megatron Function bodies alone (no autograd)"
 SLOT_NOWORK, SLOT_LEGACY = "slot+nowork (generic slot alone)", "slot+legacy (fake Buffer)"
 LEGACY, NOWORK = "legacy adapter alone (no slot, no autograd)", "nowork backend alone"
@@ -523,12 +534,12 @@ def render(paths: dict[str, dict], pieces: dict[str, dict], notes: dict[str, str
              f"tensors on {meta['device']}; no-work doubles, "
              "async_finish=allocate_on_comm_stream=True as Megatron passes them).",
              "",
-             "| path | dispatch | combine | dispatch fwd+bwd | combine fwd+bwd |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "| path | dispatch | combine | dispatch fwd+bwd | combine fwd+bwd | dispatch, no grad | combine, no grad |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, res in paths.items():
         lines.append(f"| {name} | " + " | ".join(fmt_us(res.get(c, {}).get("median_ns")) for c in COLUMNS) + " |")
-    lines += ["", "| difference (us per call) | dispatch | combine | dispatch fwd+bwd | combine fwd+bwd |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| difference (us per call) | dispatch | combine | dispatch fwd+bwd | combine fwd+bwd | dispatch, no "
+              "grad | combine, no grad |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, (a, b) in DIFFERENCES.items():
         if a in paths and b in paths:
             diffs = [paths[a][c]["median_ns"] - paths[b][c]["median_ns"] for c in COLUMNS]
