@@ -367,6 +367,7 @@ def test_graph_outputs_unpack_to_the_routing_they_packed():
     """_RouteGraph's unpacking (CPU; replay stubbed, since the flat block already holds one routing): every field
     comes back with its shape, dtype and values, as views of one fresh copy (not of the graph's memory)."""
     from megatron_ep_plugins.backends import torch_a2a
+    from megatron_ep_plugins.backends._cuda_graph import Replay
 
     backend = torch_a2a.TorchA2ABackend()
     gen = torch.Generator().manual_seed(7)
@@ -382,7 +383,8 @@ def test_graph_outputs_unpack_to_the_routing_they_packed():
             def replay(self):
                 pass
 
-        graph = torch_a2a._RouteGraph(Replayed(), torch.empty_like(idx), torch.empty_like(w), flat, layout)
+        replay = Replay(Replayed(), [torch.empty_like(idx), torch.empty_like(w)], (flat, layout))
+        graph = torch_a2a._RouteGraph(replay, layout)
         got = graph(idx, w)
         for name, a, b in zip(torch_a2a._Routing._fields, got, r):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
@@ -531,3 +533,22 @@ def test_profile_script_smoke(tmp_path):
             assert res["ops"]["dispatch"]["header exchange"] == {"all_to_all_single": {"calls": 1}}
     text = out.with_suffix(".md").read_text()
     assert text.startswith("# torch backend: where the time goes") and "raw pair / (dispatch + combine)" in text
+
+
+def test_shape_graphs_capture_at_second_sight_keep_failures_and_a_limit():
+    """The per-shape graph policy both graph-using backends share (``backends/_cuda_graph.ShapeGraphs``)."""
+    from megatron_ep_plugins.backends._cuda_graph import ShapeGraphs
+
+    made = []
+
+    def make(value):
+        return lambda: (made.append(value), value)[1]
+
+    graphs = ShapeGraphs(limit=2)
+    assert graphs.lookup("a", make("A")) is None and made == []  # first sight: eager, nothing captured
+    assert graphs.lookup("a", make("A")) == "A" and graphs.lookup("a", make("again")) == "A" and made == ["A"]
+    graphs.lookup("b", make(None)), graphs.lookup("b", make(None))  # capture failed: remembered as None
+    assert graphs.lookup("b", make("retry")) is None and made == ["A", None]
+    graphs.lookup("c", make("C"))
+    assert graphs.lookup("c", make("C")) is None and len(graphs) == 2  # the limit: later shapes stay eager
+    assert sorted(map(str, graphs.values())) == ["A", "None"]

@@ -80,7 +80,7 @@ from ..config import declare, read_bool, read_int
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer
-from ._cuda_graph import capture
+from ._cuda_graph import ShapeGraphs, capture_replay
 from ._deepep_common import (agree_on_inputs, check_dispatch_args, check_handle, device_sm_count, dispatch_key,
                              probe_deep_ep, rule_error)
 
@@ -94,7 +94,6 @@ _ROW_ALIGN = 4  # pad T to a multiple of 4: (T % chunk) x ranks per domain x 4 b
 _MIN_BUFFER_TOKENS = 512  # config.cuh:386
 _QP_MAX_TX_DEPTH = 65536  # config.cuh:18-20
 _FALLBACK = "or the 'legacy'/'torch' backend"
-_MISSING = object()
 _MAX_GRAPHS = 16  # routing-map graphs kept per backend; later shapes run eagerly
 
 
@@ -153,7 +152,6 @@ class HybridEPHandle:
     hidden: int
     num_experts: int
     prob_offset: int  # first column of this rank's experts in the dispatched probs
-    local_experts: int = 0  # experts per rank
     probs_width: int = 0  # columns of HybridEP's per-rank probs: local experts x ranks per NVLink domain
 
 
@@ -198,8 +196,7 @@ class HybridEPBackend:
         self._ranks_desc: dict[tuple, Any] = {}  # (L, device) -> [L, ..., 1] (narrowest int type): ranks owned bits
         self._cuda_graphs = read_bool("MCORE_EP_HYBRIDEP_CUDA_GRAPHS")
         self._graph_devices = ("cuda",)  # device types whose shapes get a graph (tests add "cpu" to see capture fail)
-        self._graphs: dict[tuple, Optional[_MapGraph]] = {}  # shape -> captured routing-map graph (None: failed)
-        self._seen: set = set()  # shapes dispatched once, eagerly
+        self._graphs = ShapeGraphs(_MAX_GRAPHS)  # input shape -> routing-map graph (None: capture failed)
 
     def set_num_sms(self, num_sms: int) -> None:
         if not isinstance(num_sms, int) or isinstance(num_sms, bool) or num_sms <= 0:
@@ -312,27 +309,24 @@ class HybridEPBackend:
         recv_idx, recv_w, tokens_per_expert = self._received_routing(raw[4], tokens.shape[0], dprobs, local, topk,
                                                                      st.prob_offset)
         handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, num_experts,
-                                st.prob_offset, local, local * st.ranks_per_domain)
+                                st.prob_offset, local * st.ranks_per_domain)
         return DispatchResult(tokens, recv_idx, recv_w, tokens_per_expert, handle)
 
     def _routing_inputs(self, topk_idx, topk_weights, max_t: int, num_experts: int):
         """:func:`_routing_inputs` for this dispatch; on CUDA, from the second dispatch of a shape on, one replay of a
-        CUDA graph captured for that shape (:class:`_MapGraph`; ``MCORE_EP_HYBRIDEP_CUDA_GRAPHS=0``: never)."""
+        CUDA graph captured for that shape (``MCORE_EP_HYBRIDEP_CUDA_GRAPHS=0``: never)."""
         torch = self._torch
         if not self._cuda_graphs or topk_idx.device.type not in self._graph_devices or not topk_idx.shape[0]:
             return _routing_inputs(torch, topk_idx, topk_weights, max_t, num_experts)
         key = (topk_idx.device, topk_idx.shape, topk_weights.dtype, max_t, num_experts)
-        graph = self._graphs.get(key, _MISSING)
-        if graph is _MISSING:
-            if key not in self._seen or len(self._graphs) >= _MAX_GRAPHS:  # a shape seen once is not worth a graph
-                if len(self._seen) >= 4 * _MAX_GRAPHS:
-                    self._seen.clear()
-                self._seen.add(key)
-                return _routing_inputs(torch, topk_idx, topk_weights, max_t, num_experts)
-            graph = self._graphs[key] = _MapGraph.capture(torch, topk_idx, topk_weights, max_t, num_experts)
-        if graph is None:  # capture failed once (logged): eager for this shape
+        replay = self._graphs.lookup(key, lambda: capture_replay(
+            lambda idx, w: _routing_inputs(torch, idx, w, max_t, num_experts), (topk_idx, topk_weights),
+            f"backend 'hybridep': routing map for T={topk_idx.shape[0]} (MCORE_EP_HYBRIDEP_CUDA_GRAPHS=0 turns "
+            "capture off)"))
+        if replay is None:  # first sight of the shape, too many shapes, or capture failed (logged once)
             return _routing_inputs(torch, topk_idx, topk_weights, max_t, num_experts)
-        return graph(topk_idx, topk_weights)
+        # the graph's own outputs, not copied: HybridEP has consumed them before the next replay (_routing_inputs)
+        return replay(topk_idx, topk_weights)
 
     def _received_routing(self, local_map, num_recv: int, dprobs, local: int, topk: int, offset: int):
         """``(recv_topk_idx [N, K], recv_topk_weights [N, K], tokens_per_expert)`` from HybridEP's handle.
@@ -409,7 +403,11 @@ def _routing_inputs(torch, topk_idx, topk_weights, max_t: int, num_experts: int)
     """HybridEP's ``routing_map [max_t, E]`` bool and ``probs [max_t, E]`` fp32 from the token-major top-k: rows past
     ``T`` (padding) and ``-1`` entries select no expert. The map is an amax over uint8 (viewed as bool), so a
     clamped ``-1`` (0 at column 0) never hides a real entry; the probs a sum (a masked entry adds 0). Seven
-    kernels, fixed shapes, no host sync: :class:`_MapGraph` captures them."""
+    kernels, fixed shapes, no host sync, so on CUDA they are captured as one graph per shape
+    (``HybridEPBackend._routing_inputs``). Its outputs are then the graph's own tensors, rewritten by the next
+    replay, and are not copied out: HybridEP has consumed them by then (its routing-map all-gather completes
+    before ``dispatch``'s host sync; the dispatch kernel reads the probs on the current stream, ahead of any
+    later replay there), and the handle keeps neither."""
     num_tokens = topk_idx.shape[0]
     valid = topk_idx >= 0
     safe = topk_idx.clamp(min=0)
@@ -419,32 +417,6 @@ def _routing_inputs(torch, topk_idx, topk_weights, max_t: int, num_experts: int)
         hits[:num_tokens].scatter_reduce_(1, safe, valid.view(torch.uint8), "amax")
         probs[:num_tokens].scatter_add_(1, safe, topk_weights * valid)
     return hits.view(torch.bool), probs
-
-
-class _MapGraph:
-    """:func:`_routing_inputs` for one shape as a CUDA graph: two input copies and one replay instead of seven
-    launches, which HybridEP's preprocessing sync would expose (10-20 us of host time each on H200). The outputs
-    are the graph's own tensors, rewritten by the next replay, and are not copied out: HybridEP has consumed them
-    by then (its routing-map all-gather completes before ``dispatch``'s host sync; the dispatch kernel reads the
-    probs on the current stream, ahead of any later replay there), and the handle keeps neither."""
-
-    def __init__(self, graph, idx, weights, outputs):
-        self.graph, self.idx, self.weights, self.outputs = graph, idx, weights, outputs
-
-    @classmethod
-    def capture(cls, torch, topk_idx, topk_weights, max_t: int, num_experts: int) -> Optional["_MapGraph"]:
-        static_idx = torch.zeros_like(topk_idx)  # expert 0 everywhere: a valid routing for the warm-up
-        static_w = torch.zeros_like(topk_weights)
-        captured = capture(lambda: _routing_inputs(torch, static_idx, static_w, max_t, num_experts),
-                           topk_idx.device, f"backend 'hybridep': routing map for T={topk_idx.shape[0]} "
-                           "(MCORE_EP_HYBRIDEP_CUDA_GRAPHS=0 turns capture off)")
-        return None if captured is None else cls(captured[0], static_idx, static_w, captured[1])
-
-    def __call__(self, topk_idx, topk_weights):
-        self.idx.copy_(topk_idx)
-        self.weights.copy_(topk_weights)
-        self.graph.replay()
-        return self.outputs
 
 
 def _pad_rows(torch, x, num_rows: int):

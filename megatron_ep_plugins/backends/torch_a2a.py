@@ -47,7 +47,7 @@ from ..config import declare, read_bool
 from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar
-from ._cuda_graph import capture
+from ._cuda_graph import ShapeGraphs, capture_replay
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -94,8 +94,7 @@ class TorchA2ABackend:
         #: Replay the routing as a CUDA graph per shape (``MCORE_EP_TORCH_CUDA_GRAPHS``, read once here).
         self.cuda_graphs: bool = read_bool("MCORE_EP_TORCH_CUDA_GRAPHS")
         self._consts: dict = {}  # (device, R, E, hidden, topk, dtype) -> _Consts
-        self._graphs: dict = {}  # (consts key, T, idx dtype) -> _RouteGraph, or None where capture failed
-        self._seen: set = set()  # shapes dispatched once, eagerly (captured at their second dispatch)
+        self._graphs = ShapeGraphs(_MAX_GRAPHS)  # (consts key, T, idx dtype) -> _RouteGraph (None: capture failed)
         self._host: dict = {}  # (device, header shape) -> (pinned host buffer, CUDA event)
 
     # -- EPBackend -----------------------------------------------------------------------------
@@ -174,20 +173,9 @@ class TorchA2ABackend:
         one clone, since handles outlive the next dispatch)."""
         if not c.graphs or num_tokens == 0:
             return _route(c, idx, weights, num_tokens, max_sent)
-        key = (c.key, num_tokens, idx.dtype)
-        graph = self._graphs.get(key, _MISSING)
-        if graph is _MISSING:
-            if key not in self._seen:  # first sight of this shape: eager (a shape seen once is not worth a graph)
-                if len(self._seen) >= 4 * _MAX_GRAPHS:
-                    self._seen.clear()
-                self._seen.add(key)
-                return _route(c, idx, weights, num_tokens, max_sent)
-            if len(self._graphs) >= _MAX_GRAPHS:  # shapes keep changing: the ones captured stay, the rest run eager
-                return _route(c, idx, weights, num_tokens, max_sent)
-            graph = self._graphs[key] = _RouteGraph.capture(c, idx, weights, num_tokens, max_sent)
-        if graph is None:  # capture failed once (logged): eager for this shape
-            return _route(c, idx, weights, num_tokens, max_sent)
-        return graph(idx, weights)
+        graph = self._graphs.lookup((c.key, num_tokens, idx.dtype),
+                                    lambda: _RouteGraph.capture(c, idx, weights, num_tokens, max_sent))
+        return _route(c, idx, weights, num_tokens, max_sent) if graph is None else graph(idx, weights)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
         import torch.distributed as dist
@@ -281,7 +269,6 @@ class TorchA2ABackend:
         return consts
 
 
-_MISSING = object()
 _MAX_GRAPHS = 16  # CUDA graphs kept per backend (one per token count); later shapes run eagerly
 
 
@@ -362,35 +349,26 @@ class _RouteGraph:
     sync then exposes). The clone copies the outputs out of the graph's memory, since a handle must outlive
     the next dispatch of the same shape."""
 
-    def __init__(self, graph, idx, weights, flat, layout):
+    def __init__(self, replay, layout):
         import torch
 
-        self.graph, self.idx, self.weights, self.flat = graph, idx, weights, flat
+        self.replay = replay  # a _cuda_graph.Replay whose outputs are (flat int64 block, layout)
         #: each _Routing field's int64 count in the flat block, then (shape, int32?) to view it as; computed once
         self.sizes = [math.prod(shape) // (2 if dtype == torch.int32 else 1) for shape, dtype in layout]
         self.plan = [(shape, dtype == torch.int32) for shape, dtype in layout]
 
     @classmethod
     def capture(cls, c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> Optional["_RouteGraph"]:
-        import torch
-
-        static_idx = torch.zeros_like(topk_idx)  # expert 0 everywhere: valid routing for the warm-up
-        static_w = torch.zeros_like(weights)
-        captured = capture(lambda: _pack(_route(c, static_idx, static_w, num_tokens, max_sent)), topk_idx.device,
-                           f"backend 'torch': routing for T={num_tokens} (MCORE_EP_TORCH_CUDA_GRAPHS=0 turns "
-                           "capture off)")
-        if captured is None:
-            return None
-        graph, (flat, layout) = captured
-        return cls(graph, static_idx, static_w, flat, layout)
+        replay = capture_replay(lambda idx, w: _pack(_route(c, idx, w, num_tokens, max_sent)), (topk_idx, weights),
+                                f"backend 'torch': routing for T={num_tokens} (MCORE_EP_TORCH_CUDA_GRAPHS=0 turns "
+                                "capture off)")
+        return None if replay is None else cls(replay, replay.outputs[1])
 
     def __call__(self, topk_idx, weights) -> _Routing:
         import torch
 
-        self.idx.copy_(topk_idx)
-        self.weights.copy_(weights)
-        self.graph.replay()
-        parts = self.flat.clone().split(self.sizes)  # one copy out of the graph's memory, sliced by one call
+        flat, _ = self.replay(topk_idx, weights)
+        parts = flat.clone().split(self.sizes)  # one copy out of the graph's memory, sliced by one call
         int32 = torch.int32
         return _Routing(*(t.view(int32).view(shape) if as_int32 else t.view(shape)
                           for t, (shape, as_int32) in zip(parts, self.plan)))
