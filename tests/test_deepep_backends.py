@@ -252,6 +252,39 @@ def test_hybridep_rebuilds_the_received_routing_from_its_handle(deepep_emulator)
     assert ep_register_backends()[0].capabilities.repeated_experts is False
 
 
+def _hybridep_host_syncs(rank, world):
+    """Emulated HybridEP host syncs per adapter call, once the shape is agreed; and the counts the contract returns."""
+    import deep_ep
+    import torch.distributed as dist
+
+    backend, group = make_backend("hybridep"), dist.group.WORLD
+    x, idx, w = _tokens(12, HIDDEN, 2, 4, seed=rank)
+    backend.dispatch(x, idx, w, 4, group)  # first sight of the shape: the agreement (one all_reduce)
+    syncs = {}
+    for call in ("dispatch", "cached dispatch", "combine"):
+        before = deep_ep.host_syncs("HybridEPBuffer")
+        if call == "dispatch":
+            res = backend.dispatch(x, idx, w, 4, group)
+        elif call == "cached dispatch":
+            backend.dispatch_cached(x, res.handle, group)
+        else:
+            backend.combine(res.recv_x, res.handle, group, topk_weights=res.recv_topk_weights)
+        syncs[call] = deep_ep.host_syncs("HybridEPBuffer") - before
+    local = torch.bincount(res.recv_topk_idx[res.recv_topk_idx >= 0], minlength=2)
+    counts = res.tokens_per_expert
+    return syncs, counts.dtype, counts.device.type, torch.equal(counts, local)
+
+
+def test_hybridep_syncs_the_host_once_per_dispatch_in_hybrideps_preprocessing(deepep_emulator):
+    """The adapter runs HybridEP's preprocessing with the per-expert counts (one stream sync in HybridEP) and passes
+    the row count to ``dispatch``, so the wrapper's own sync is skipped; a cached dispatch and combine sync nothing.
+    The contract's CPU counts are the preprocessing's (int64, equal to the received routing's)."""
+    deepep_emulator("v1")
+    for syncs, dtype, device, same in run_ranks(_hybridep_host_syncs, 2):
+        assert syncs == {"dispatch": 1, "cached dispatch": 0, "combine": 0}
+        assert dtype == torch.int64 and device == "cpu" and same
+
+
 # The elastic adapter on each DeepEP API generation it drives (the emulator's v2 = ElasticBuffer 2.0-2.1, v25 =
 # EPBuffer of DeepEP 2.5), as deep_ep or as the sgl-deep-ep-v25 wheel's deep_ep_v25, with even and odd SM counts.
 @pytest.mark.parametrize("api, module, world, scenarios, flags, num_sms", [

@@ -26,6 +26,17 @@ def world() -> int:
     return torch.cuda.device_count()
 
 
+def _require(backend_name: str, why: str) -> None:
+    """Skip unless there are 2 GPUs (``why``: what needs them) and the backend's probe passes here."""
+    from megatron_ep_plugins.api import list_backends
+
+    if world() < 2:
+        pytest.skip(f"{why} needs an expert-parallel group of at least 2 GPUs")
+    verdict = {c.spec.name: c.availability for c in list_backends()[1]}[backend_name]
+    if not verdict:
+        pytest.skip(f"{backend_name} unavailable: {verdict.reason}")
+
+
 def test_torch_backend_over_nccl_matches_oracle():
     n = world()
     results = run_ranks(_rank_dispatch_combine, n, list(SCENARIOS), "cuda", backend="nccl", env=GPU_ENV)
@@ -117,14 +128,8 @@ def test_real_deepep_matches_reference(backend_name):
     of experts per rank). ``deep_ep`` is one module per process: DeepEP main (legacy, elastic) and the hybrid-ep
     branch (legacy, hybridep) are separate installs, so each backend runs where its probe passes and skips with
     the probe's reason elsewhere (run this module once per DeepEP tree)."""
-    from megatron_ep_plugins.api import list_backends
-
+    _require(backend_name, "DeepEP")
     n = world()
-    if n < 2:
-        pytest.skip("DeepEP needs an expert-parallel group of at least 2 GPUs")
-    verdict = {c.spec.name: c.availability for c in list_backends()[1]}[backend_name]
-    if not verdict:
-        pytest.skip(f"{backend_name} unavailable: {verdict.reason}")
     env = GPU_ENV | ({"EP_DISABLE_GIN": "1", "MCORE_EP_ELASTIC_HYBRID_MODE": "0"} if backend_name == "elastic" else {})
     counts = run_ranks(_compare, n, backend_name, list(DEEPEP_SCENARIOS), [(False, False), (True, True)], "cuda",
                        backend="nccl", env=env, timeout=600)
@@ -144,17 +149,49 @@ def _rank_hybridep_graph_replays(rank, world):
 
 
 def test_hybridep_routing_graph_matches_eager():
-    from megatron_ep_plugins.api import list_backends
-
-    if world() < 2:
-        pytest.skip("HybridEP needs an expert-parallel group of at least 2 GPUs")
-    verdict = {c.spec.name: c.availability for c in list_backends()[1]}["hybridep"]
-    if not verdict:
-        pytest.skip(f"hybridep unavailable: {verdict.reason}")
+    _require("hybridep", "HybridEP")
     for captured, eager_graphs, same in run_ranks(_rank_hybridep_graph_replays, world(), backend="nccl", env=GPU_ENV,
                                                   timeout=300):
         assert captured == 1 and eager_graphs == 0
         assert all(same), same
+
+
+def _rank_hybridep_no_torch_sync(rank, world):
+    """``hybridep`` once its shape is agreed and its graph captured, under sync debug mode "error": any sync through
+    torch (``.cpu()``, ``.item()`` of a device tensor, ``Stream.synchronize`` as HybridEP's Python wrapper does it)
+    raises. HybridEP's own ``cudaStreamSynchronize`` in its preprocessing (C++) is the dispatch's one host sync and
+    is not seen by the mode. Returns the calls that ran clean."""
+    import torch.distributed as dist
+
+    from test_deepep_backends import make_backend
+
+    backend, group, num_experts = make_backend("hybridep"), dist.group.WORLD, 4 * world
+    x, idx, w = next(_one_shape_routings(rank, num_experts, count=1))
+    for _ in range(3):  # agreement, buffer, JIT kernels, then the routing-map graph (captured at the 2nd)
+        backend.dispatch(x, idx, w, num_experts, group)
+    torch.cuda.synchronize()
+    clean = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = backend.dispatch(x, idx, w, num_experts, group)
+        clean.append("dispatch")
+        backend.dispatch_cached(x, res.handle, group)
+        clean.append("cached dispatch")
+        backend.combine(res.recv_x, res.handle, group, topk_weights=res.recv_topk_weights)
+        clean.append("combine")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return clean, res.tokens_per_expert.device.type, res.tokens_per_expert.tolist() == torch.bincount(
+        res.recv_topk_idx[res.recv_topk_idx >= 0], minlength=num_experts // world).tolist()
+
+
+def test_hybridep_adds_no_host_sync_to_hybrideps_own():
+    _require("hybridep", "HybridEP")
+    for clean, device, counts_ok in run_ranks(_rank_hybridep_no_torch_sync, world(), backend="nccl", env=GPU_ENV,
+                                              timeout=300):
+        assert clean == ["dispatch", "cached dispatch", "combine"]
+        assert device == "cpu" and counts_ok
 
 
 @pytest.mark.parametrize("cls_name", ["Buffer", "ElasticBuffer", "HybridEPBuffer"])
@@ -180,17 +217,12 @@ def test_real_deepep_objects_fail_like_the_emulator(cls_name):
 def test_real_ncclep_matches_reference():
     """NCCL EP (nccl.ep, high-throughput algorithm) against the reference on test_ncclep's scenarios, and the
     autograd round trip through the core slot; skips with the probe's reason where nccl.ep cannot run."""
-    from megatron_ep_plugins.api import list_backends
     from test_ncclep import SCENARIOS as NCCLEP_SCENARIOS
     from test_ncclep import _compare_ncclep
     from test_ncclep import _round_trip as _ncclep_round_trip
 
+    _require("ncclep", "nccl.ep")
     n = world()
-    if n < 2:
-        pytest.skip("nccl.ep needs an expert-parallel group of at least 2 GPUs")
-    verdict = {c.spec.name: c.availability for c in list_backends()[1]}["ncclep"]
-    if not verdict:
-        pytest.skip(f"ncclep unavailable: {verdict.reason}")
     assert run_ranks(_compare_ncclep, n, list(NCCLEP_SCENARIOS), "cuda", "ht", backend="nccl", env=GPU_ENV,
                      timeout=600) == [len(NCCLEP_SCENARIOS)] * n
     assert run_ranks(_ncclep_round_trip, n, "cuda", backend="nccl", env=GPU_ENV, timeout=600) == [True] * n

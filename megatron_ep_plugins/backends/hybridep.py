@@ -40,8 +40,14 @@ at an agreement; in steady state a larger T is a local error naming the variable
 rules and T agreement run once per call key (see ``_deepep_common``); every dispatch still builds the routing
 map and probs above (seven small kernels; on CUDA one CUDA graph replay per input shape from its second
 dispatch on, ``MCORE_EP_HYBRIDEP_CUDA_GRAPHS``), rebuilds the received routing from the handle (six kernels,
-launched while HybridEP's dispatch kernel runs) and copies the per-expert counts to the host once (the
-contract's CPU counts).
+launched while HybridEP's dispatch kernel runs). One host sync per dispatch, HybridEP's own: the adapter calls
+``HybridEPBuffer.dispatch``'s two halves itself, the preprocessing (``runtime.metadata_preprocessing`` with
+``enable_permute=True``, the scan of HybridEP's unfused permute path, which also counts the rows per local expert
+and syncs the stream once) and then ``dispatch`` with the row count and handle it produced, which skips the
+wrapper's own stream sync. The contract's CPU counts are that scan's ``padded_tokens_per_expert`` (pinned, pad 0).
+Measured on 2 x H200 before this: ``dispatch`` synced in its wrapper, and a copy of the counts to the host synced
+a second time, exposing every launch around it. A dispatch with a cached handle passes the row count too and
+syncs nothing.
 
 Size rules of the real library, checked up front (``InvalidInputError`` on every rank alike, after the
 rank agreement). Sources: DeepEP branch ``hybrid-ep`` 94a9f8f6.
@@ -304,13 +310,25 @@ class HybridEPBackend:
         routing_map, probs = self._routing_inputs(topk_idx, topk_weights, max_t, num_experts)
         rows = x if max_t == num_tokens else _pad_rows(torch, x, max_t)
 
-        tokens, dprobs, _, raw = buffer.dispatch(hidden=rows, routing_map=routing_map, probs=probs,
-                                                 num_of_experts=num_experts)
-        recv_idx, recv_w, tokens_per_expert = self._received_routing(raw[4], tokens.shape[0], dprobs, local, topk,
-                                                                     st.prob_offset)
+        # HybridEP's dispatch in its two halves (what HybridEPBuffer.dispatch does, minus its stream sync): the
+        # preprocessing with the per-expert counts enabled (its permute path's scan, not fused with the dispatch)
+        # syncs the host once and leaves both the received row count and the contract's per-expert counts in
+        # pinned host memory; the dispatch then gets the count and syncs nothing. One host sync per dispatch, where
+        # HybridEPBuffer.dispatch + a count copy took two.
+        pre = buffer.runtime.metadata_preprocessing(
+            config=buffer.update_template_config(hidden_dim=hidden, num_of_tokens_per_rank=max_t),
+            routing_map=routing_map, num_of_tokens_per_rank=max_t, enable_permute=True, non_blocking=False)
+        num_recv = int(pre.num_dispatched_tokens_tensor.item())  # pinned host memory, written before that sync
+        raw = (pre.sparse_to_dense_map, pre.rdma_to_attn_map, pre.attn_to_rdma_map, pre.num_dispatched_tokens_tensor,
+               pre.local_expert_routing_map, pre.num_of_tokens_per_rank, pre.config)  # HybridEP's handle tuple
+        tokens, dprobs, _, _ = buffer.dispatch(hidden=rows, probs=probs, num_of_experts=num_experts, handle=raw,
+                                               num_dispatched_tokens=num_recv)
+        recv_idx, recv_w = self._received_routing(pre.local_expert_routing_map, num_recv, dprobs, local, topk,
+                                                  st.prob_offset)
         handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, num_experts,
                                 st.prob_offset, local * st.ranks_per_domain)
-        return DispatchResult(tokens, recv_idx, recv_w, tokens_per_expert, handle)
+        # [L] int64 in pinned host memory, allocated by this preprocessing call (no later call writes it)
+        return DispatchResult(tokens, recv_idx, recv_w, pre.padded_tokens_per_expert, handle)
 
     def _routing_inputs(self, topk_idx, topk_weights, max_t: int, num_experts: int):
         """:func:`_routing_inputs` for this dispatch; on CUDA, from the second dispatch of a shape on, one replay of a
@@ -329,7 +347,8 @@ class HybridEPBackend:
         return replay(topk_idx, topk_weights)
 
     def _received_routing(self, local_map, num_recv: int, dprobs, local: int, topk: int, offset: int):
-        """``(recv_topk_idx [N, K], recv_topk_weights [N, K], tokens_per_expert)`` from HybridEP's handle.
+        """``(recv_topk_idx [N, K], recv_topk_weights [N, K])`` from HybridEP's handle, with no host sync (launched
+        behind HybridEP's dispatch kernel).
 
         ``local_map[:N]`` has one row per received row (its local-expert bits). Ranking the set bits by local
         id (``bit x (L - id)``, top ``min(K, L)``) packs the owned ids first in ascending order; the unset ranks
@@ -352,7 +371,7 @@ class HybridEPBackend:
         if kk < topk:  # more slots than local experts: the rest are never owned
             recv_idx = torch.nn.functional.pad(recv_idx, (0, topk - kk), value=-1)
             recv_w = torch.nn.functional.pad(recv_w, (0, topk - kk))
-        return recv_idx, recv_w, lmap.sum(0).cpu()
+        return recv_idx, recv_w
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
         torch = self._torch
@@ -362,8 +381,10 @@ class HybridEPBackend:
                                     f"got {tuple(getattr(x, 'shape', ()))}")
         _check_dtype(x, torch.bfloat16)
         rows = x.contiguous() if h.padded_tokens == h.num_tokens else _pad_rows(torch, x, h.padded_tokens)
-        # the real dispatch asserts num_of_experts whenever routing_map is None, also with a handle
-        tokens, _, _, _ = h.buffer.dispatch(hidden=rows, num_of_experts=h.num_experts, handle=h.raw)
+        # the real dispatch asserts num_of_experts whenever routing_map is None, also with a handle; with the row
+        # count given it skips its stream sync (the count is the handle's, known since the dispatch that made it)
+        tokens, _, _, _ = h.buffer.dispatch(hidden=rows, num_of_experts=h.num_experts, handle=h.raw,
+                                            num_dispatched_tokens=h.recv_topk_idx.shape[0])
         return tokens
 
     def combine(self, x, handle, group, *, topk_weights=None, async_finish=False, allocate_on_comm_stream=False):

@@ -10,7 +10,8 @@ It is at least as strict as the library it stands for: it enforces DeepEP's Pyth
 asserts, JIT ``static_assert`` s (as the NVCC compile failure they cause) and device asserts (as a sticky
 device-side error), each with a comment citing the DeepEP source line it mirrors, and
 raises on every rank where the real library would hang, so adapter misuse fails loudly in tests. Its
-classes expose only attributes the real objects have; test bookkeeping is :func:`constructed`.
+classes expose only attributes the real objects have; test bookkeeping is :func:`constructed` and
+:func:`host_syncs`.
 
 ``DEEP_EP_EMULATOR_API`` (read at import) picks the API layout:
 
@@ -33,7 +34,7 @@ if API not in ("v1", "v2", "v25"):
 IS_EMULATOR = True
 __version__ = "0.0.0+emulator." + API
 
-from ._collective import constructed, pending_async_events, reset_emulator_state  # noqa: E402
+from ._collective import constructed, host_syncs, pending_async_events, reset_emulator_state  # noqa: E402
 from .utils.event import EventHandle, EventOverlap  # noqa: E402
 
 if API == "v25":

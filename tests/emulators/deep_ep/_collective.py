@@ -50,6 +50,7 @@ _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if 
 # mirrors DeepEP deep_ep/buffers/legacy.py:get_dispatch_config/get_combine_config config_map keys (dd758caf)
 _SUPPORTED_V1_RANKS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)
 _CONSTRUCTED = {"Buffer": 0, "ElasticBuffer": 0, "EPBuffer": 0, "HybridEPBuffer": 0}
+_HOST_SYNCS = {"HybridEPBuffer": 0}
 
 
 def pending_async_events() -> int:
@@ -62,6 +63,12 @@ def constructed(name: str) -> int:
     return _CONSTRUCTED[name]
 
 
+def host_syncs(name: str) -> int:
+    """How many host syncs the emulated library made where the real one synchronizes a stream (test bookkeeping:
+    ``HybridEPBuffer``'s wrapper sync and its blocking preprocessing with per-expert counts)."""
+    return _HOST_SYNCS[name]
+
+
 def reset_emulator_state() -> None:
     _PENDING.clear()
     from .buffers.legacy import Buffer
@@ -69,6 +76,8 @@ def reset_emulator_state() -> None:
     Buffer.num_sms = 20
     for name in _CONSTRUCTED:
         _CONSTRUCTED[name] = 0
+    for name in _HOST_SYNCS:
+        _HOST_SYNCS[name] = 0
 
 
 # -- failure modes ----------------------------------------------------------------------------------------

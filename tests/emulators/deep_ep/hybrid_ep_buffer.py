@@ -8,7 +8,7 @@ import warnings
 from types import SimpleNamespace
 
 import torch
-from ._collective import EMULATED_DEVICE_SMS, _CONSTRUCTED, _align, _combine_rows, _gather_objects, _gather_rows
+from ._collective import EMULATED_DEVICE_SMS, _CONSTRUCTED, _HOST_SYNCS, _align, _combine_rows, _gather_objects, _gather_rows
 
 
 _UINT8, _UINT16 = "UINT8", "UINT16"  # APP_TOKEN_DATA_TYPE
@@ -106,9 +106,68 @@ def _hybrid_metadata_preprocessing(buf, config, routing_map, num_of_tokens):
     rows = num_of_tokens * config.num_of_ranks_per_node * config.num_of_nodes
     local_map = torch.ones(max(rows, num_recv), local, dtype=torch.bool)
     local_map[:num_recv] = torch.cat(local_maps)
-    # the real handle's 7 fields: sparse_to_dense_map, rdma_to_attn_map, attn_to_rdma_map,
-    # num_dispatched_tokens_tensor, local_expert_routing_map, num_of_tokens_per_rank, config
-    return (src_map, None, None, num_dispatched, local_map, num_of_tokens, config)
+    return src_map, num_dispatched, local_map
+
+
+class _HandleImpl:
+    """``hybrid_ep_cpp.HandleImpl`` (``csrc/hybrid_ep/pybind_hybrid_ep.cu:156-170``): its fields; a tensor the
+    preprocessing did not make (pybind's undefined ``torch::Tensor``) is ``None``."""
+
+    __slots__ = ("sparse_to_dense_map", "rdma_to_attn_map", "attn_to_rdma_map", "num_dispatched_tokens_tensor",
+                 "local_expert_routing_map", "num_of_tokens_per_rank", "config", "tokens_per_expert",
+                 "padded_tokens_per_expert", "overflow_flag", "num_permuted_tokens", "dense_chunk_layout",
+                 "dense_to_expert_map")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, None)
+        self.num_permuted_tokens = -1
+
+
+class _Runtime:
+    """``hybrid_ep_cpp.HybridEPBuffer`` (the object's ``runtime``): ``metadata_preprocessing`` only, the half of
+    ``dispatch`` an adapter may call itself."""
+
+    def __init__(self, buf):
+        self._buf = buf
+        self.num_reallocations = 0  # emulator bookkeeping (update_template_config's grow)
+
+    def metadata_preprocessing(self, *, config, routing_map, num_of_tokens_per_rank, num_permuted_tokens=None,
+                               pad_multiple=None, enable_permute=False, fuse_permute_dispatch=False,
+                               non_blocking=False):
+        # mirrors DeepEP csrc/hybrid_ep/pybind_hybrid_ep.cu:184-193 (keyword-only arguments) and
+        # csrc/hybrid_ep/executor/executor.cu:57-181 metadata_preprocess_core (94a9f8f6)
+        if fuse_permute_dispatch and not enable_permute:
+            raise RuntimeError("hybrid_ep.cu:139-141: Assertion `enable_permute' failed (fuse_permute_dispatch needs it; "
+                               "a C assert: the real process aborts)")
+        src_map, num_dispatched, local_map = _hybrid_metadata_preprocessing(self._buf, config, routing_map,
+                                                                            num_of_tokens_per_rank)
+        h = _HandleImpl()
+        h.sparse_to_dense_map, h.num_dispatched_tokens_tensor, h.local_expert_routing_map = (src_map, num_dispatched,
+                                                                                            local_map)
+        h.num_of_tokens_per_rank, h.config = num_of_tokens_per_rank, config
+        h.overflow_flag = torch.zeros(1, dtype=torch.int32)
+        if enable_permute:
+            # the scan counts the received rows per local expert (hybrid_ep_backend.cuh:5234, the
+            # PERMUTE_FUSION build of the preprocessing kernel); pad_tokens_per_expert rounds each count up to
+            # pad_multiple (permute.cu:46-56; pad_multiple None -> 0 -> no rounding) into padded_tokens_per_expert,
+            # pinned host int64 when blocking (executor.cu:151-158), then the stream is synchronized (:166-176)
+            counts = local_map[:int(num_dispatched)].sum(0, dtype=torch.int32)
+            pad = pad_multiple or 0
+            padded = counts.to(torch.int64) if pad <= 0 else (counts.to(torch.int64) + pad - 1) // pad * pad
+            h.tokens_per_expert, h.padded_tokens_per_expert = counts, padded
+            if not non_blocking:
+                _HOST_SYNCS["HybridEPBuffer"] += 1  # executor.cu:167 cudaStreamSynchronize
+                if h.num_permuted_tokens < 0:
+                    h.num_permuted_tokens = int(padded.sum())
+        return h
+
+
+def _handle_tuple(h: _HandleImpl) -> tuple:
+    """The non-permute ``dispatch``'s handle: ``HandleImpl``'s first 7 fields as a tuple
+    (``deep_ep/hybrid_ep_buffer.py:247-259``)."""
+    return (h.sparse_to_dense_map, h.rdma_to_attn_map, h.attn_to_rdma_map, h.num_dispatched_tokens_tensor,
+            h.local_expert_routing_map, h.num_of_tokens_per_rank, h.config)
 
 
 class HybridEPBuffer:
@@ -152,7 +211,7 @@ class HybridEPBuffer:
             num_of_nodes=self.num_of_nodes, use_fp8=use_fp8, num_sms_dispatch_api=num_sms_dispatch_api,
             num_sms_combine_api=num_sms_combine_api, num_sms_preprocessing_api=num_sms_preprocessing_api,
             num_blocks_permute=num_blocks_permute, num_blocks_unpermute=num_blocks_unpermute)
-        self.runtime = SimpleNamespace(num_reallocations=0)  # hybrid_ep_cpp.HybridEPBuffer
+        self.runtime = _Runtime(self)  # hybrid_ep_cpp.HybridEPBuffer
         _gather_objects(group, self.rank)  # the real runtime exchanges memory handles
         _CONSTRUCTED["HybridEPBuffer"] += 1
 
@@ -212,7 +271,13 @@ class HybridEPBuffer:
                                "`probs.value().dtype() == torch::kFloat32' failed (a C assert: the real process aborts)")
         if handle is None:
             config = self.update_template_config(hidden_dim=hidden_dim, num_of_tokens_per_rank=num_of_tokens)
-            handle = _hybrid_metadata_preprocessing(self, config, routing_map, num_of_tokens)
+            handle = _handle_tuple(self.runtime.metadata_preprocessing(
+                config=config, routing_map=routing_map, num_of_tokens_per_rank=num_of_tokens, enable_permute=False,
+                non_blocking=False))
+        # mirrors DeepEP deep_ep/hybrid_ep_buffer.py:233-235: without num_dispatched_tokens the wrapper synchronizes
+        # the current stream (the count sits in pinned memory the preprocessing kernel writes) (94a9f8f6)
+        if num_dispatched_tokens is None:
+            _HOST_SYNCS["HybridEPBuffer"] += 1
         (src_map, _rdma_to_attn, _attn_to_rdma, num_dispatched, local_map, handle_tokens, config) = handle
         if config.token_data_type == _UINT16:
             assert hidden.element_size() == 2, "hidden must hold 2-byte elements (bf16) for a UINT16 config"
