@@ -236,10 +236,13 @@ def _hybridep_routing_from_handle(rank, world):
     return same, owned_first, tuple(got.recv_topk_idx.shape), rep.tokens_per_expert.tolist(), pairs
 
 
-def test_hybridep_rebuilds_the_received_routing_from_its_handle(deepep_emulator):
-    """The adapter reads HybridEP's ``local_expert_routing_map`` (the emulator leaves garbage after the received
-    rows, as the real ``torch::empty`` does) and packs the owned pairs first; more slots than local experts."""
+@pytest.mark.parametrize("scan_counts", ["1", "0"])
+def test_hybridep_rebuilds_the_received_routing_from_its_handle(deepep_emulator, monkeypatch, scan_counts):
+    """The adapter reads the received rows' local experts from HybridEP's preprocessing (``dense_to_expert_map``
+    with the scan's counts, ``local_expert_routing_map`` without; the emulator leaves garbage where the real scan
+    writes nothing, as ``torch::empty`` does) and packs the owned pairs first; more slots than local experts."""
     deepep_emulator("v1")
+    monkeypatch.setenv("MCORE_EP_HYBRIDEP_SCAN_COUNTS", scan_counts)
     results = run_ranks(_hybridep_routing_from_handle, 2)
     for rank, (same, owned_first, shape, counts, pairs) in enumerate(results):
         assert same == [True, True] and owned_first and shape[1] == 3

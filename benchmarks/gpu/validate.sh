@@ -29,6 +29,11 @@
 #                ep_bench, train_moe), torch token sweep, trace_slot.py for hybridep at T=4096
 #     lease8     hybridep: GPU tests, ep_bench with the routing-map graph on and off (alternating, twice), trace_slot.py
 #                at T=4096, train_moe
+#     lease9     hybridep syncing once per dispatch (HybridEP's preprocessing): torch GPU tests (CUDA-graph refactor),
+#                hybridep GPU tests (incl. no torch-visible sync), ep_bench twice, train_moe; legacy/elastic at 128..1024
+#                with no build running
+#     lease10    hybridep only (the main tree's build not started): GPU tests, ep_bench with the scan's counts on and
+#                off (MCORE_EP_HYBRIDEP_SCAN_COUNTS, alternating, twice), train_moe, trace_slot.py at T=4096
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -237,6 +242,33 @@ for stage in "$@"; do
       done
       step trace_slot_hybridep 50 env TRACE_BACKEND=hybridep TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
       step train_hybridep 80 train hybridep --backend hybridep
+      ;;
+    lease9)  # hybridep with one host sync per dispatch; the CUDA-graph refactor on the GPU; small T without builds
+      tree "$DEEPEP_DIR"; machine_info
+      step gpu_tests_torch 80 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "torch or one_host_sync" --junitxml "$RES/gpu_tests_torch.xml"
+      for i in $(seq 90); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$HYBRIDEP_DIR"
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_hybridep.txt" 2>&1
+      step gpu_tests_hybridep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
+      step bench_hybridep_1 55 bench --backends hybridep --iters 40 --name hybridep_onesync_1
+      step train_hybridep 75 train hybridep --backend hybridep
+      tree "$DEEPEP_DIR"
+      step bench_small_T 70 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 50 --warmup 5 --name small_T
+      tree "$HYBRIDEP_DIR"
+      step bench_hybridep_2 55 bench --backends hybridep --iters 40 --name hybridep_onesync_2
+      ;;
+    lease10)  # hybridep: one host sync (the scan's counts) against two (dispatch + count copy), same process tree
+      for i in $(seq 120); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$HYBRIDEP_DIR"; machine_info
+      $PY -m megatron_ep_plugins.cli list > "$RES/list_hybridep.txt" 2>&1
+      step gpu_tests_hybridep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep" --junitxml "$RES/gpu_tests_hybridep.xml"
+      for run in 1 2; do
+        for scan in 1 0; do
+          step bench_hybridep_scan${scan}_$run 50 env MCORE_EP_HYBRIDEP_SCAN_COUNTS=$scan bash -c "bench --backends hybridep --iters 40 --name hybridep_scan${scan}_$run"
+        done
+      done
+      step train_hybridep 75 train hybridep --backend hybridep
+      step trace_slot_hybridep 50 env TRACE_BACKEND=hybridep TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info

@@ -14,14 +14,17 @@ them:
   never passes ``topk_idx``: it builds the ``routing_map [T, E]`` bool / ``probs [T, E]`` fp32 form itself,
   where a ``-1`` entry simply sets nothing.
 * **No per-slot routing on the receiving side.** HybridEP returns probs per expert, not the token's top-k
-  slots. Its handle carries ``local_expert_routing_map`` (``[T x ranks, L]`` bool, the first ``N`` rows one per
-  received row, in the same order; ``csrc/hybrid_ep/executor/executor.cu:110`` allocates it, the preprocessing
-  kernel fills row ``n`` with the local-expert bits of the ``n``-th dispatched token). The adapter rebuilds
-  ``recv_topk_idx`` from it (the owned local ids packed first in ascending order, ``-1`` after them: the
-  contract fixes the pairs, not their slots) and the weights from the dispatched probs, and counts the
-  per-expert rows from the same map. So the tokens travel as they are: no columns appended, no copies before
-  or after the library's own (an earlier version appended the expert ids to each row, which cost two extra
-  passes over the rows per dispatch and one per combine on H200).
+  slots. Its preprocessing, run with the per-expert counts (``enable_permute=True``, see "Hot path" below),
+  returns ``dense_to_expert_map`` (``[T x ranks, L]`` int32, allocated at ``csrc/hybrid_ep/executor/executor.cu:
+  124-126``; the scan's ``PERMUTE_FUSION`` build writes row ``n``, the ``n``-th dispatched token, with its slot in
+  each local expert's block or ``-1``, ``hybrid_ep_backend.cuh:5414-5448``; rows past ``N`` stay unwritten). In
+  that build the scan does not write ``local_expert_routing_map`` (``:5449-5459`` is the other build's branch),
+  which stays as ``torch::empty`` left it. The adapter rebuilds ``recv_topk_idx`` from ``dense_to_expert_map[:N]
+  >= 0`` (the owned local ids packed first in ascending order, ``-1`` after them: the contract fixes the pairs,
+  not their slots) and the weights from the dispatched probs; the per-expert counts are the scan's own. So the
+  tokens travel as they are: no columns appended, no copies before or after the library's own (an earlier
+  version appended the expert ids to each row, which cost two extra passes over the rows per dispatch and one
+  per combine on H200).
 * **One bit per (token, expert).** A token naming one expert twice in its top-k (routers never do: they take
   ``topk`` of the scores) arrives as one pair whose weight is the sum, and dispatch's backward gives both
   source slots that pair's gradient (the derivative of the sum); ``Capabilities(repeated_experts=False)``.
@@ -201,6 +204,7 @@ class HybridEPBackend:
         self._ok: set[tuple] = set()  # validated dispatch keys
         self._ranks_desc: dict[tuple, Any] = {}  # (L, device) -> [L, ..., 1] (narrowest int type): ranks owned bits
         self._cuda_graphs = read_bool("MCORE_EP_HYBRIDEP_CUDA_GRAPHS")
+        self._scan_counts = read_bool("MCORE_EP_HYBRIDEP_SCAN_COUNTS")
         self._graph_devices = ("cuda",)  # device types whose shapes get a graph (tests add "cpu" to see capture fail)
         self._graphs = ShapeGraphs(_MAX_GRAPHS)  # input shape -> routing-map graph (None: capture failed)
 
@@ -310,11 +314,29 @@ class HybridEPBackend:
         routing_map, probs = self._routing_inputs(topk_idx, topk_weights, max_t, num_experts)
         rows = x if max_t == num_tokens else _pad_rows(torch, x, max_t)
 
-        # HybridEP's dispatch in its two halves (what HybridEPBuffer.dispatch does, minus its stream sync): the
-        # preprocessing with the per-expert counts enabled (its permute path's scan, not fused with the dispatch)
-        # syncs the host once and leaves both the received row count and the contract's per-expert counts in
-        # pinned host memory; the dispatch then gets the count and syncs nothing. One host sync per dispatch, where
-        # HybridEPBuffer.dispatch + a count copy took two.
+        if self._scan_counts:
+            tokens, dprobs, raw, owned, tokens_per_expert = self._dispatch_one_sync(buffer, rows, routing_map, probs,
+                                                                                    hidden, max_t, num_experts)
+        else:
+            tokens, dprobs, _, raw = buffer.dispatch(hidden=rows, routing_map=routing_map, probs=probs,
+                                                     num_of_experts=num_experts)
+            owned = raw[4][:tokens.shape[0]]  # local_expert_routing_map: the first N rows are written
+            tokens_per_expert = owned.sum(0).cpu()  # the second host sync
+        recv_idx, recv_w = self._received_routing(owned, dprobs, local, topk, st.prob_offset)
+        handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, num_experts,
+                                st.prob_offset, local * st.ranks_per_domain)
+        return DispatchResult(tokens, recv_idx, recv_w, tokens_per_expert, handle)
+
+    @staticmethod
+    def _dispatch_one_sync(buffer, rows, routing_map, probs, hidden: int, max_t: int, num_experts: int):
+        """``HybridEPBuffer.dispatch`` in its two halves, minus its stream sync (``MCORE_EP_HYBRIDEP_SCAN_COUNTS=1``).
+
+        The preprocessing runs with the per-expert counts (``enable_permute=True``: the scan of HybridEP's unfused
+        permute path), which syncs the stream once and leaves the received row count and the counts in pinned host
+        memory; ``dispatch`` then gets the count and syncs nothing. That scan's build writes ``dense_to_expert_map``
+        (row n's slot in each local expert's block, -1 where it does not name it) instead of
+        ``local_expert_routing_map``, which it leaves as allocated. Returns ``(tokens, dispatched probs, handle
+        tuple, [N, L] owned bits, CPU counts)``."""
         pre = buffer.runtime.metadata_preprocessing(
             config=buffer.update_template_config(hidden_dim=hidden, num_of_tokens_per_rank=max_t),
             routing_map=routing_map, num_of_tokens_per_rank=max_t, enable_permute=True, non_blocking=False)
@@ -323,12 +345,8 @@ class HybridEPBackend:
                pre.local_expert_routing_map, pre.num_of_tokens_per_rank, pre.config)  # HybridEP's handle tuple
         tokens, dprobs, _, _ = buffer.dispatch(hidden=rows, probs=probs, num_of_experts=num_experts, handle=raw,
                                                num_dispatched_tokens=num_recv)
-        recv_idx, recv_w = self._received_routing(pre.local_expert_routing_map, num_recv, dprobs, local, topk,
-                                                  st.prob_offset)
-        handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, num_experts,
-                                st.prob_offset, local * st.ranks_per_domain)
-        # [L] int64 in pinned host memory, allocated by this preprocessing call (no later call writes it)
-        return DispatchResult(tokens, recv_idx, recv_w, pre.padded_tokens_per_expert, handle)
+        # the counts: [L] int64 in pinned host memory, allocated by this preprocessing call (no later call writes it)
+        return tokens, dprobs, raw, pre.dense_to_expert_map[:num_recv] >= 0, pre.padded_tokens_per_expert
 
     def _routing_inputs(self, topk_idx, topk_weights, max_t: int, num_experts: int):
         """:func:`_routing_inputs` for this dispatch; on CUDA, from the second dispatch of a shape on, one replay of a
@@ -346,17 +364,16 @@ class HybridEPBackend:
         # the graph's own outputs, not copied: HybridEP has consumed them before the next replay (_routing_inputs)
         return replay(topk_idx, topk_weights)
 
-    def _received_routing(self, local_map, num_recv: int, dprobs, local: int, topk: int, offset: int):
-        """``(recv_topk_idx [N, K], recv_topk_weights [N, K])`` from HybridEP's handle, with no host sync (launched
-        behind HybridEP's dispatch kernel).
+    def _received_routing(self, lmap, dprobs, local: int, topk: int, offset: int):
+        """``(recv_topk_idx [N, K], recv_topk_weights [N, K])`` from HybridEP's preprocessing, with no host sync
+        (launched behind HybridEP's dispatch kernel).
 
-        ``local_map[:N]`` has one row per received row (its local-expert bits). Ranking the set bits by local
+        ``lmap`` ``[N, L]`` bool has one row per received row, its local-expert bits. Ranking the set bits by local
         id (``bit x (L - id)``, top ``min(K, L)``) packs the owned ids first in ascending order; the unset ranks
         become ``-1``. The weights are the dispatched probs at this rank's columns (``offset`` = its first
         expert in HybridEP's per-domain columns); the slots after the owned ones hold whatever the ranked column
         has (the contract leaves them free: Megatron reads weights only where the id is >= 0)."""
         torch = self._torch
-        lmap = local_map[:num_recv]
         key = (local, lmap.device)
         ranks = self._ranks_desc.get(key)
         if ranks is None:
@@ -479,6 +496,9 @@ SETTINGS = declare(
     EnvVar("MCORE_EP_HYBRIDEP_CUDA_GRAPHS", "1", "`1`: on CUDA, build HybridEP's routing map and probs from the "
            "top-k (seven small kernels before its preprocessing sync) as one CUDA graph replay per input shape, "
            "captured at the shape's second dispatch (at most 16 kept); `0`: launch them one by one.", Boolean()),
+    EnvVar("MCORE_EP_HYBRIDEP_SCAN_COUNTS", "1", "`1`: run HybridEP's preprocessing with its per-expert counts (the "
+           "scan of its permute path), so each dispatch syncs the host once, in HybridEP; `0`: HybridEP's `dispatch` "
+           "as it is, then a copy of the counts to the host (two host syncs, a lighter scan).", Boolean()),
     EnvVar("MCORE_EP_HYBRIDEP_CHECK_EACH_DISPATCH", "0", "`1`: agree on token count, shapes and expert ids across "
            "ranks at every dispatch (one small all_reduce + host sync), padding every rank to the largest T of "
            "that dispatch; `0`: once per input shape, then every rank pads to the buffer's capacity and a larger "

@@ -58,7 +58,8 @@ class _Configurer:
             num_of_ranks_per_node=num_of_ranks_per_node, num_of_nodes=num_of_nodes,
             token_data_type=_UINT8 if use_fp8 else _UINT16, num_of_blocks_dispatch_api=sms_dispatch,
             num_of_blocks_combine_api=sms_combine,
-            num_of_tokens_per_chunk_dispatch_api=chunk_dispatch, num_of_tokens_per_chunk_combine_api=chunk_combine)
+            num_of_tokens_per_chunk_dispatch_api=chunk_dispatch, num_of_tokens_per_chunk_combine_api=chunk_combine,
+            pad_multiple=1)  # config.cuh:442
         # mirrors DeepEP csrc/hybrid_ep/config.cuh:393-398 throw std::runtime_error("The buffer config is not valid.") (94a9f8f6)
         if not _hybrid_config_is_valid(self.buffer_config):
             raise RuntimeError("The buffer config is not valid.")
@@ -148,11 +149,29 @@ class _Runtime:
         h.num_of_tokens_per_rank, h.config = num_of_tokens_per_rank, config
         h.overflow_flag = torch.zeros(1, dtype=torch.int32)
         if enable_permute:
-            # the scan counts the received rows per local expert (hybrid_ep_backend.cuh:5234, the
-            # PERMUTE_FUSION build of the preprocessing kernel); pad_tokens_per_expert rounds each count up to
-            # pad_multiple (permute.cu:46-56; pad_multiple None -> 0 -> no rounding) into padded_tokens_per_expert,
-            # pinned host int64 when blocking (executor.cu:151-158), then the stream is synchronized (:166-176)
-            counts = local_map[:int(num_dispatched)].sum(0, dtype=torch.int32)
+            num_recv = int(num_dispatched)
+            bits = local_map[:num_recv].clone()
+            # mirrors DeepEP csrc/hybrid_ep/backend/hybrid_ep_backend.cuh:5414-5459 (94a9f8f6): the scan's
+            # PERMUTE_FUSION build (the preprocessing kernel with enable_permute) writes dense_to_expert_map and NOT
+            # local_expert_routing_map (:5449-5458 is the #else branch), which keeps the garbage torch::empty left
+            # (executor.cu:110-112; here all bits set); dense_to_expert_map ([T x ranks x nodes, L] int32,
+            # torch::empty at executor.cu:124-126) gets, for row n < N, each local expert's slot in the permuted
+            # block (an exclusive scan over earlier rows, experts laid out one after another, each padded to
+            # config.pad_multiple, 1 by default, config.cuh:442) or -1 where the row does not name that expert;
+            # rows past N stay unwritten (here 0x7fffffff, a value >= 0 that names every expert)
+            local_map[:] = True
+            tile = max(int(config.pad_multiple), 1)
+            counts = bits.sum(0, dtype=torch.int32)
+            blocks = (counts + tile - 1) // tile * tile
+            starts = torch.cumsum(blocks, 0) - blocks
+            slots = torch.where(bits, torch.cumsum(bits.to(torch.int32), 0) - 1 + starts, -1).to(torch.int32)
+            h.dense_to_expert_map = torch.full((local_map.shape[0], local_map.shape[1]), 0x7FFFFFFF,
+                                               dtype=torch.int32)
+            h.dense_to_expert_map[:num_recv] = slots
+            # the scan also counts the received rows per local expert (:5234, num_of_local_experts_tokens);
+            # pad_tokens_per_expert rounds each count up to pad_multiple (permute.cu:46-56; the argument None -> 0 ->
+            # no rounding) into padded_tokens_per_expert, pinned host int64 when blocking (executor.cu:151-158),
+            # then the stream is synchronized (:166-176)
             pad = pad_multiple or 0
             padded = counts.to(torch.int64) if pad <= 0 else (counts.to(torch.int64) + pad - 1) // pad * pad
             h.tokens_per_expert, h.padded_tokens_per_expert = counts, padded
