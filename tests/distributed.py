@@ -109,12 +109,17 @@ def _worker(fn, rank, world_size, port, queue, args, env, backend, out_path, err
     os.environ.update(env or {})
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    import torch
     import torch.distributed as dist
 
+    if backend != "nccl":
+        # a forked rank inherits the parent's OpenMP state but not its worker threads: once the parent has run a
+        # parallel CPU op (any test that computes in-process first), the child's first parallel region waits for
+        # threads that do not exist and hangs. One intra-op thread per rank never opens a region (and is what 2
+        # ranks on CI's 2 cores should use anyway).
+        torch.set_num_threads(1)
     try:
         if backend == "nccl":
-            import torch
-
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
         result = fn(rank, world_size, *args)

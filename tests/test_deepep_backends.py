@@ -288,6 +288,26 @@ def test_hybridep_syncs_the_host_once_per_dispatch_in_hybrideps_preprocessing(de
         assert dtype == torch.int64 and device == "cpu" and same
 
 
+@pytest.mark.parametrize("local, topk", [(2, 3), (4, 2), (128, 8), (8, 8), (1, 1)])
+def test_hybridep_owned_ids_pack_each_rows_bits_first_ascending(local, topk):
+    """``_owned_ids``: every row's set bits (at most K, as a top-k router leaves them) as ascending local ids, then
+    -1; more slots than local experts too. Against a plain loop, on random rows."""
+    from megatron_ep_plugins.backends.hybridep import _owned_ids
+
+    gen = torch.Generator().manual_seed(local * 100 + topk)
+    rows = 300
+    owned = torch.zeros(rows, local, dtype=torch.bool)
+    for r in range(rows):
+        k = int(torch.randint(0, min(topk, local) + 1, (1,), generator=gen))
+        owned[r, torch.randperm(local, generator=gen)[:k]] = True
+    got = _owned_ids(torch, owned, topk)
+    expected = torch.full((rows, topk), -1, dtype=torch.int64)
+    for r in range(rows):
+        ids = owned[r].nonzero().flatten()
+        expected[r, :ids.numel()] = ids
+    assert got.dtype == torch.int64 and got.is_contiguous() and torch.equal(got, expected)
+
+
 # The elastic adapter on each DeepEP API generation it drives (the emulator's v2 = ElasticBuffer 2.0-2.1, v25 =
 # EPBuffer of DeepEP 2.5), as deep_ep or as the sgl-deep-ep-v25 wheel's deep_ep_v25, with even and odd SM counts.
 @pytest.mark.parametrize("api, module, world, scenarios, flags, num_sms", [

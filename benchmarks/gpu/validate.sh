@@ -35,6 +35,8 @@
 #     lease10    hybridep only (the main tree's build not started): GPU tests, ep_bench with the scan's counts on and
 #                off (MCORE_EP_HYBRIDEP_SCAN_COUNTS, alternating, twice), train_moe, trace_slot.py at T=4096
 #     lease11    hybridep only: hybridep_ab.py (scan vs copy vs bare, one process, round robin), ep_bench, trace_slot.py
+#     lease12    hybridep only, short: ep_bench (conformance + plugin/direct), hybridep_ab.py (ids beside the dispatch
+#                kernel or after it), then its GPU tests against the reference and graph vs eager
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -277,6 +279,13 @@ for stage in "$@"; do
       step hybridep_ab 150 env AB_ROUNDS=10 AB_ITERS=30 AB_OUT="$RES/hybridep_ab.json" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/hybridep_ab.py
       step bench_hybridep 90 bench --backends hybridep --iters 40 --name hybridep_bf16_T4096
       step trace_slot_hybridep 50 env TRACE_BACKEND=hybridep TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
+      ;;
+    lease12)  # hybridep: received ids without topk, built on a side stream beside HybridEP's dispatch kernel
+      for i in $(seq 120); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$HYBRIDEP_DIR"; machine_info
+      step bench_hybridep 90 bench --backends hybridep --iters 40 --name hybridep_bf16_T4096
+      step hybridep_ab 70 env AB_ROUNDS=10 AB_ITERS=30 AB_OUT="$RES/hybridep_ab.json" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/hybridep_ab.py
+      step gpu_tests_hybridep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep and (reference or graph or sync)" --junitxml "$RES/gpu_tests_hybridep.xml"
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info

@@ -202,9 +202,10 @@ class HybridEPBackend:
         self.num_sms: Optional[int] = None
         self._groups: dict[Any, _GroupState] = {}
         self._ok: set[tuple] = set()  # validated dispatch keys
-        self._ranks_desc: dict[tuple, Any] = {}  # (L, device) -> [L, ..., 1] (narrowest int type): ranks owned bits
         self._cuda_graphs = read_bool("MCORE_EP_HYBRIDEP_CUDA_GRAPHS")
         self._scan_counts = read_bool("MCORE_EP_HYBRIDEP_SCAN_COUNTS")
+        self._overlap_ids = True  # build the received ids beside the dispatch kernel (CUDA); tests and benches flip it
+        self._side_streams: dict = {}  # device -> the side stream for the received ids
         self._graph_devices = ("cuda",)  # device types whose shapes get a graph (tests add "cpu" to see capture fail)
         self._graphs = ShapeGraphs(_MAX_GRAPHS)  # input shape -> routing-map graph (None: capture failed)
 
@@ -315,28 +316,34 @@ class HybridEPBackend:
         rows = x if max_t == num_tokens else _pad_rows(torch, x, max_t)
 
         if self._scan_counts:
-            tokens, dprobs, raw, owned, tokens_per_expert = self._dispatch_one_sync(buffer, rows, routing_map, probs,
-                                                                                    hidden, max_t, num_experts)
+            tokens, dprobs, raw, recv_idx, tokens_per_expert = self._dispatch_one_sync(
+                buffer, rows, routing_map, probs, hidden, max_t, num_experts, topk)
         else:
             tokens, dprobs, _, raw = buffer.dispatch(hidden=rows, routing_map=routing_map, probs=probs,
                                                      num_of_experts=num_experts)
             owned = raw[4][:tokens.shape[0]]  # local_expert_routing_map: the first N rows are written
             tokens_per_expert = owned.sum(0).cpu()  # the second host sync
-        recv_idx, recv_w = self._received_routing(owned, dprobs, local, topk, st.prob_offset)
+            recv_idx = _owned_ids(torch, owned, topk)
+        # the weights: the dispatched probs at this rank's columns (offset = its first expert among HybridEP's
+        # per-domain columns); slots without an id take column 0's (the contract leaves them free)
+        recv_w = dprobs.narrow(1, st.prob_offset, local).gather(1, recv_idx.clamp(min=0))
         handle = HybridEPHandle(raw, buffer, topk_idx, recv_idx, num_tokens, max_t, hidden, num_experts,
                                 st.prob_offset, local * st.ranks_per_domain)
         return DispatchResult(tokens, recv_idx, recv_w, tokens_per_expert, handle)
 
-    @staticmethod
-    def _dispatch_one_sync(buffer, rows, routing_map, probs, hidden: int, max_t: int, num_experts: int):
+    def _dispatch_one_sync(self, buffer, rows, routing_map, probs, hidden: int, max_t: int, num_experts: int,
+                           topk: int):
         """``HybridEPBuffer.dispatch`` in its two halves, minus its stream sync (``MCORE_EP_HYBRIDEP_SCAN_COUNTS=1``).
 
         The preprocessing runs with the per-expert counts (``enable_permute=True``: the scan of HybridEP's unfused
         permute path), which syncs the stream once and leaves the received row count and the counts in pinned host
         memory; ``dispatch`` then gets the count and syncs nothing. That scan's build writes ``dense_to_expert_map``
         (row n's slot in each local expert's block, -1 where it does not name it) instead of
-        ``local_expert_routing_map``, which it leaves as allocated. Returns ``(tokens, dispatched probs, handle
-        tuple, [N, L] owned bits, CPU counts)``."""
+        ``local_expert_routing_map``, which it leaves as allocated. The received ids come from that map alone, so on
+        CUDA they are built on a side stream while HybridEP's dispatch kernel runs (the preprocessing's sync has
+        finished writing the map; the current stream waits for them before anything reads them). Returns
+        ``(tokens, dispatched probs, handle tuple, recv_topk_idx [N, K], CPU counts)``."""
+        torch = self._torch
         pre = buffer.runtime.metadata_preprocessing(
             config=buffer.update_template_config(hidden_dim=hidden, num_of_tokens_per_rank=max_t),
             routing_map=routing_map, num_of_tokens_per_rank=max_t, enable_permute=True, non_blocking=False)
@@ -345,8 +352,29 @@ class HybridEPBackend:
                pre.local_expert_routing_map, pre.num_of_tokens_per_rank, pre.config)  # HybridEP's handle tuple
         tokens, dprobs, _, _ = buffer.dispatch(hidden=rows, probs=probs, num_of_experts=num_experts, handle=raw,
                                                num_dispatched_tokens=num_recv)
+        d2e = pre.dense_to_expert_map
+        side = self._side_stream(d2e.device) if self._overlap_ids else None
+        if side is None:
+            recv_idx = _owned_ids(torch, d2e[:num_recv] >= 0, topk)
+        else:
+            main = torch.cuda.current_stream(d2e.device)
+            d2e.record_stream(side)  # freed by this function while the side stream may still read it
+            with torch.cuda.stream(side):
+                recv_idx = _owned_ids(torch, d2e[:num_recv] >= 0, topk)
+            main.wait_stream(side)
+            recv_idx.record_stream(main)  # made on the side stream, used on the current one from here on
         # the counts: [L] int64 in pinned host memory, allocated by this preprocessing call (no later call writes it)
-        return tokens, dprobs, raw, pre.dense_to_expert_map[:num_recv] >= 0, pre.padded_tokens_per_expert
+        return tokens, dprobs, raw, recv_idx, pre.padded_tokens_per_expert
+
+    def _side_stream(self, device):
+        """The CUDA stream the received ids are built on beside HybridEP's dispatch kernel (one per device); ``None``
+        off CUDA."""
+        if device.type != "cuda":
+            return None
+        stream = self._side_streams.get(device)
+        if stream is None:
+            stream = self._side_streams[device] = self._torch.cuda.Stream(device=device)
+        return stream
 
     def _routing_inputs(self, topk_idx, topk_weights, max_t: int, num_experts: int):
         """:func:`_routing_inputs` for this dispatch; on CUDA, from the second dispatch of a shape on, one replay of a
@@ -363,32 +391,6 @@ class HybridEPBackend:
             return _routing_inputs(torch, topk_idx, topk_weights, max_t, num_experts)
         # the graph's own outputs, not copied: HybridEP has consumed them before the next replay (_routing_inputs)
         return replay(topk_idx, topk_weights)
-
-    def _received_routing(self, lmap, dprobs, local: int, topk: int, offset: int):
-        """``(recv_topk_idx [N, K], recv_topk_weights [N, K])`` from HybridEP's preprocessing, with no host sync
-        (launched behind HybridEP's dispatch kernel).
-
-        ``lmap`` ``[N, L]`` bool has one row per received row, its local-expert bits. Ranking the set bits by local
-        id (``bit x (L - id)``, top ``min(K, L)``) packs the owned ids first in ascending order; the unset ranks
-        become ``-1``. The weights are the dispatched probs at this rank's columns (``offset`` = its first
-        expert in HybridEP's per-domain columns); the slots after the owned ones hold whatever the ranked column
-        has (the contract leaves them free: Megatron reads weights only where the id is >= 0)."""
-        torch = self._torch
-        key = (local, lmap.device)
-        ranks = self._ranks_desc.get(key)
-        if ranks is None:
-            # the narrowest integer type that holds L: topk's radix select makes one pass per 2 bits of the type,
-            # so int64 scores cost 178 us per dispatch at N=8192, L=128 on H200 (trace_slot.py), uint8 ones a 1/8
-            dtype = torch.uint8 if local <= 255 else torch.int16 if local <= 32767 else torch.int32
-            ranks = self._ranks_desc[key] = torch.arange(local, 0, -1, device=lmap.device).to(dtype)
-        kk = min(topk, local)
-        score, recv_idx = (lmap * ranks).topk(kk, dim=1)  # bool x uint8 -> uint8 scores; int64 indices
-        recv_w = dprobs.narrow(1, offset, local).gather(1, recv_idx)
-        recv_idx.masked_fill_(score == 0, -1)
-        if kk < topk:  # more slots than local experts: the rest are never owned
-            recv_idx = torch.nn.functional.pad(recv_idx, (0, topk - kk), value=-1)
-            recv_w = torch.nn.functional.pad(recv_w, (0, topk - kk))
-        return recv_idx, recv_w
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
         torch = self._torch
@@ -435,6 +437,23 @@ class HybridEPBackend:
             combined_w = torch.where(valid, combined_probs[:h.num_tokens].float().gather(1, h.topk_idx.clamp(min=0)),
                                      0.0)
         return out, combined_w
+
+
+def _owned_ids(torch, owned, topk: int):
+    """``recv_topk_idx [N, K]`` from the received rows' local-expert bits ``owned [N, L]`` (bool): each row's set bits'
+    local ids packed first in ascending order, ``-1`` after them (the contract fixes the pairs, not their slots).
+
+    A row has at most K set bits (a token names at most K experts). The slot of a set bit is the count of set bits up
+    to it (a cumsum) minus one; the unset bit of column j goes to spare slot K + j, so one scatter with no two writes
+    to one place (deterministic) puts every column id in its slot, and the spare slots are dropped. No sort:
+    ``topk`` of the ranked bits took 40 us per dispatch at N=8192, L=128 on H200 (``trace_slot.py``), its int64
+    form 178 us."""
+    num_rows, local = owned.shape
+    cols = torch.arange(local, device=owned.device)
+    slot = torch.where(owned, owned.cumsum(1).sub_(1).clamp_(max=topk - 1), cols + topk)
+    ids = torch.full((num_rows, topk + local), -1, dtype=torch.int64, device=owned.device)
+    ids.scatter_(1, slot, cols.expand(num_rows, local))
+    return ids[:, :topk].contiguous()
 
 
 def _routing_inputs(torch, topk_idx, topk_weights, max_t: int, num_experts: int):
