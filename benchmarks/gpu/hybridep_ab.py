@@ -6,8 +6,7 @@ round robin (``AB_ROUNDS`` rounds of ``AB_ITERS`` dispatch+combine pairs each, a
 noise cancels out of the ratios:
 
 * ``scan``: the adapter with ``MCORE_EP_HYBRIDEP_SCAN_COUNTS=1`` (HybridEP's preprocessing with its per-expert counts:
-  one host sync, HybridEP's own), the received ids built on a side stream beside HybridEP's dispatch kernel;
-* ``scan_inline``: the same with the received ids built on the current stream after the dispatch kernel;
+  one host sync, HybridEP's own);
 * ``copy``: ``MCORE_EP_HYBRIDEP_SCAN_COUNTS=0`` (``HybridEPBuffer.dispatch`` as it is, then a copy of the counts to
   the host: two host syncs);
 * ``bare``: ``HybridEPBuffer`` called directly with a precomputed routing map, as ``ep_bench.py``'s "direct".
@@ -47,9 +46,9 @@ idx = torch.rand(T, E, generator=gen).topk(K, dim=1).indices.to(DEVICE)
 w = torch.rand(T, K, generator=gen).to(DEVICE)
 
 
-def adapter_case(scan: bool, overlap: bool = True):
+def adapter_case(scan: bool):
     backend = HybridEPBackend()
-    backend._scan_counts, backend._overlap_ids = scan, overlap
+    backend._scan_counts = scan
 
     def d():
         return backend.dispatch(x, idx, w, E, group)
@@ -77,8 +76,7 @@ def bare_case():
 
 
 with torch.no_grad():
-    cases = {"scan": adapter_case(True), "scan_inline": adapter_case(True, overlap=False), "copy": adapter_case(False),
-             "bare": bare_case()}
+    cases = {"scan": adapter_case(True), "copy": adapter_case(False), "bare": bare_case()}
     for d, c in cases.values():  # JIT kernels, buffers, agreement, graphs
         for _ in range(5):
             c(d())
@@ -91,7 +89,7 @@ with torch.no_grad():
 if rank == 0:
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in rounds.items()}
     bare = sum(med["bare"])
-    print(f"# hybridep: one host sync (scan, scan_inline) vs two (copy) vs bare HybridEPBuffer, one process, T={T} H={H} K={K} "
+    print(f"# hybridep: one host sync (scan) vs two (copy) vs bare HybridEPBuffer, one process, T={T} H={H} K={K} "
           f"E={E} bf16, {ROUNDS} rounds x {ITERS} pairs, median of round medians, slowest rank\n")
     print("| case | dispatch us | combine us | d+c us | bare/case | per round d+c us |")
     print("| --- | --- | --- | --- | --- | --- |")

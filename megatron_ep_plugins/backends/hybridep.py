@@ -42,15 +42,16 @@ at an agreement; in steady state a larger T is a local error naming the variable
 (HybridEP moves 2-byte elements); FP8 is not supported by this adapter. Hot path: the argument checks, size
 rules and T agreement run once per call key (see ``_deepep_common``); every dispatch still builds the routing
 map and probs above (seven small kernels; on CUDA one CUDA graph replay per input shape from its second
-dispatch on, ``MCORE_EP_HYBRIDEP_CUDA_GRAPHS``), rebuilds the received routing from the handle (six kernels,
-launched while HybridEP's dispatch kernel runs). One host sync per dispatch, HybridEP's own: the adapter calls
-``HybridEPBuffer.dispatch``'s two halves itself, the preprocessing (``runtime.metadata_preprocessing`` with
-``enable_permute=True``, the scan of HybridEP's unfused permute path, which also counts the rows per local expert
-and syncs the stream once) and then ``dispatch`` with the row count and handle it produced, which skips the
-wrapper's own stream sync. The contract's CPU counts are that scan's ``padded_tokens_per_expert`` (pinned, pad 0).
-Measured on 2 x H200 before this: ``dispatch`` synced in its wrapper, and a copy of the counts to the host synced
-a second time, exposing every launch around it. A dispatch with a cached handle passes the row count too and
-syncs nothing.
+dispatch on, ``MCORE_EP_HYBRIDEP_CUDA_GRAPHS``) and rebuilds the received ids (small elementwise kernels, a cumsum and
+one scatter, no sort) and weights (one gather) behind HybridEP's dispatch kernel. One host sync per dispatch,
+HybridEP's own (``MCORE_EP_HYBRIDEP_SCAN_COUNTS=1``, the default): the adapter calls ``HybridEPBuffer.dispatch``'s
+two halves itself, the preprocessing (``runtime.metadata_preprocessing`` with ``enable_permute=True``, the scan of
+HybridEP's unfused permute path, which also counts the rows per local expert and syncs the stream once) and then
+``dispatch`` with the row count and handle it produced, which skips the wrapper's own stream sync. The contract's
+CPU counts are that scan's ``padded_tokens_per_expert`` (pinned, pad 0). With ``0``, ``HybridEPBuffer.dispatch``
+syncs in its wrapper and a copy of the counts to the host syncs a second time, exposing every launch around it:
+on 2 x H200 at T=4096, in one process, dispatch + combine took 782-794 us with one sync against 1019 with two
+(the bare library 631). A dispatch with a cached handle passes the row count too and syncs nothing.
 
 Size rules of the real library, checked up front (``InvalidInputError`` on every rank alike, after the
 rank agreement). Sources: DeepEP branch ``hybrid-ep`` 94a9f8f6.
@@ -204,8 +205,6 @@ class HybridEPBackend:
         self._ok: set[tuple] = set()  # validated dispatch keys
         self._cuda_graphs = read_bool("MCORE_EP_HYBRIDEP_CUDA_GRAPHS")
         self._scan_counts = read_bool("MCORE_EP_HYBRIDEP_SCAN_COUNTS")
-        self._overlap_ids = True  # build the received ids beside the dispatch kernel (CUDA); tests and benches flip it
-        self._side_streams: dict = {}  # device -> the side stream for the received ids
         self._graph_devices = ("cuda",)  # device types whose shapes get a graph (tests add "cpu" to see capture fail)
         self._graphs = ShapeGraphs(_MAX_GRAPHS)  # input shape -> routing-map graph (None: capture failed)
 
@@ -339,10 +338,8 @@ class HybridEPBackend:
         permute path), which syncs the stream once and leaves the received row count and the counts in pinned host
         memory; ``dispatch`` then gets the count and syncs nothing. That scan's build writes ``dense_to_expert_map``
         (row n's slot in each local expert's block, -1 where it does not name it) instead of
-        ``local_expert_routing_map``, which it leaves as allocated. The received ids come from that map alone, so on
-        CUDA they are built on a side stream while HybridEP's dispatch kernel runs (the preprocessing's sync has
-        finished writing the map; the current stream waits for them before anything reads them). Returns
-        ``(tokens, dispatched probs, handle tuple, recv_topk_idx [N, K], CPU counts)``."""
+        ``local_expert_routing_map``, which it leaves as allocated. Returns ``(tokens, dispatched probs, handle tuple,
+        recv_topk_idx [N, K], CPU counts)``."""
         torch = self._torch
         pre = buffer.runtime.metadata_preprocessing(
             config=buffer.update_template_config(hidden_dim=hidden, num_of_tokens_per_rank=max_t),
@@ -352,29 +349,11 @@ class HybridEPBackend:
                pre.local_expert_routing_map, pre.num_of_tokens_per_rank, pre.config)  # HybridEP's handle tuple
         tokens, dprobs, _, _ = buffer.dispatch(hidden=rows, probs=probs, num_of_experts=num_experts, handle=raw,
                                                num_dispatched_tokens=num_recv)
-        d2e = pre.dense_to_expert_map
-        side = self._side_stream(d2e.device) if self._overlap_ids else None
-        if side is None:
-            recv_idx = _owned_ids(torch, d2e[:num_recv] >= 0, topk)
-        else:
-            main = torch.cuda.current_stream(d2e.device)
-            d2e.record_stream(side)  # freed by this function while the side stream may still read it
-            with torch.cuda.stream(side):
-                recv_idx = _owned_ids(torch, d2e[:num_recv] >= 0, topk)
-            main.wait_stream(side)
-            recv_idx.record_stream(main)  # made on the side stream, used on the current one from here on
+        # on the current stream after the dispatch kernel: built beside it on a side stream instead, the pair took
+        # 938 us against 782 on 2 x H200 (combine slowed by 94 us), results/2xH200/diag/hybridep_ab_lease12.md
+        recv_idx = _owned_ids(torch, pre.dense_to_expert_map[:num_recv] >= 0, topk)
         # the counts: [L] int64 in pinned host memory, allocated by this preprocessing call (no later call writes it)
         return tokens, dprobs, raw, recv_idx, pre.padded_tokens_per_expert
-
-    def _side_stream(self, device):
-        """The CUDA stream the received ids are built on beside HybridEP's dispatch kernel (one per device); ``None``
-        off CUDA."""
-        if device.type != "cuda":
-            return None
-        stream = self._side_streams.get(device)
-        if stream is None:
-            stream = self._side_streams[device] = self._torch.cuda.Stream(device=device)
-        return stream
 
     def _routing_inputs(self, topk_idx, topk_weights, max_t: int, num_experts: int):
         """:func:`_routing_inputs` for this dispatch; on CUDA, from the second dispatch of a shape on, one replay of a
