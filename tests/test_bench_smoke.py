@@ -77,3 +77,22 @@ def test_bench_help_and_validate_sh_options_still_parse():
     for line in lines:  # every benchmark run of the GPU validation, as the script passes it (bench() adds these)
         args = parse_args(["--plot", "--out", "/tmp/x", "--device", "cpu", *line.split()])
         assert args.backends and args.plot
+
+
+def test_hybridep_ab_script_runs_on_the_cpu_emulator(tmp_path):
+    """``benchmarks/gpu/hybridep_ab.py`` (a GPU diagnostic) on 2 gloo ranks over the CPU DeepEP emulator: the three
+    variants run, the table and the JSON come out (so the script does not rot between GPU sessions)."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, AB_DEVICE="cpu", AB_T="64", AB_H="256", AB_ROUNDS="2", AB_ITERS="2",
+               AB_OUT=str(tmp_path / "ab.json"), PYTHONPATH=os.pathsep.join([str(root / "tests" / "emulators"),
+                                                                            str(root)]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(root / "benchmarks" / "gpu" / "hybridep_ab.py")], capture_output=True, text=True,
+                          timeout=180, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((tmp_path / "ab.json").read_text())
+    assert set(record["median_us"]) == {"scan", "copy", "bare"} and record["bare_over_case"]["bare"] == 1.0
+    assert all(len(rounds) == 2 for rounds in record["per_round_us"].values())
+    assert "| scan |" in proc.stdout and "| bare |" in proc.stdout

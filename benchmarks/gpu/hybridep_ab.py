@@ -14,6 +14,7 @@ noise cancels out of the ratios:
 T=4096 H=7168 K=8 E=256 bf16 unless ``AB_T``/``AB_H`` say otherwise. Rank 0 prints a markdown table and writes
 ``AB_OUT`` (default ``$OUT/hybridep_ab.json``). Launch: ``torchrun --nproc-per-node 2 benchmarks/gpu/hybridep_ab.py``.
 """
+import gc
 import json
 import os
 import platform
@@ -106,4 +107,8 @@ if rank == 0:
     with open(OUT, "w") as f:
         json.dump(record, f, indent=1)
     print(f"\nwrote {OUT}")
+# free the backends and buffers while the process group exists (as ep_bench does), then leave together
+del cases
+gc.collect()
+dist.barrier()
 dist.destroy_process_group()
