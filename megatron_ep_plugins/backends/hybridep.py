@@ -205,6 +205,7 @@ class HybridEPBackend:
         self._ok: set[tuple] = set()  # validated dispatch keys
         self._cuda_graphs = read_bool("MCORE_EP_HYBRIDEP_CUDA_GRAPHS")
         self._scan_counts = read_bool("MCORE_EP_HYBRIDEP_SCAN_COUNTS")
+        self._id_cols: dict[tuple, Any] = {}  # (L, K, device) -> _id_columns(...), made once
         self._graph_devices = ("cuda",)  # device types whose shapes get a graph (tests add "cpu" to see capture fail)
         self._graphs = ShapeGraphs(_MAX_GRAPHS)  # input shape -> routing-map graph (None: capture failed)
 
@@ -322,7 +323,7 @@ class HybridEPBackend:
                                                      num_of_experts=num_experts)
             owned = raw[4][:tokens.shape[0]]  # local_expert_routing_map: the first N rows are written
             tokens_per_expert = owned.sum(0).cpu()  # the second host sync
-            recv_idx = _owned_ids(torch, owned, topk)
+            recv_idx = _owned_ids(torch, owned, topk, self._columns(local, topk, owned.device))
         # the weights: the dispatched probs at this rank's columns (offset = its first expert among HybridEP's
         # per-domain columns); slots without an id take column 0's (the contract leaves them free)
         recv_w = dprobs.narrow(1, st.prob_offset, local).gather(1, recv_idx.clamp(min=0))
@@ -351,9 +352,17 @@ class HybridEPBackend:
                                                num_dispatched_tokens=num_recv)
         # on the current stream after the dispatch kernel: built beside it on a side stream instead, the pair took
         # 938 us against 782 on 2 x H200 (combine slowed by 94 us), results/2xH200/diag/hybridep_ab_lease12.md
-        recv_idx = _owned_ids(torch, pre.dense_to_expert_map[:num_recv] >= 0, topk)
+        d2e = pre.dense_to_expert_map
+        recv_idx = _owned_ids(torch, d2e[:num_recv] >= 0, topk, self._columns(d2e.shape[1], topk, d2e.device))
         # the counts: [L] int64 in pinned host memory, allocated by this preprocessing call (no later call writes it)
         return tokens, dprobs, raw, recv_idx, pre.padded_tokens_per_expert
+
+    def _columns(self, local: int, topk: int, device):
+        key = (local, topk, device)
+        cols = self._id_cols.get(key)
+        if cols is None:
+            cols = self._id_cols[key] = _id_columns(self._torch, local, topk, device)
+        return cols
 
     def _routing_inputs(self, topk_idx, topk_weights, max_t: int, num_experts: int):
         """:func:`_routing_inputs` for this dispatch; on CUDA, from the second dispatch of a shape on, one replay of a
@@ -418,7 +427,7 @@ class HybridEPBackend:
         return out, combined_w
 
 
-def _owned_ids(torch, owned, topk: int):
+def _owned_ids(torch, owned, topk: int, cols=None):
     """``recv_topk_idx [N, K]`` from the received rows' local-expert bits ``owned [N, L]`` (bool): each row's set bits'
     local ids packed first in ascending order, ``-1`` after them (the contract fixes the pairs, not their slots).
 
@@ -426,13 +435,20 @@ def _owned_ids(torch, owned, topk: int):
     to it (a cumsum) minus one; the unset bit of column j goes to spare slot K + j, so one scatter with no two writes
     to one place (deterministic) puts every column id in its slot, and the spare slots are dropped. No sort:
     ``topk`` of the ranked bits took 40 us per dispatch at N=8192, L=128 on H200 (``trace_slot.py``), its int64
-    form 178 us."""
+    form 178 us. ``cols``: ``(arange(L), arange(L) + K)`` on the device, made here when not given (the backend
+    keeps them per shape)."""
     num_rows, local = owned.shape
-    cols = torch.arange(local, device=owned.device)
-    slot = torch.where(owned, owned.cumsum(1).sub_(1).clamp_(max=topk - 1), cols + topk)
+    cols, spare = cols if cols is not None else _id_columns(torch, local, topk, owned.device)
+    slot = torch.where(owned, owned.cumsum(1).sub_(1).clamp_(max=topk - 1), spare)
     ids = torch.full((num_rows, topk + local), -1, dtype=torch.int64, device=owned.device)
     ids.scatter_(1, slot, cols.expand(num_rows, local))
     return ids[:, :topk].contiguous()
+
+
+def _id_columns(torch, local: int, topk: int, device):
+    """``(arange(L), arange(L) + K)``: the column ids and the spare slots :func:`_owned_ids` scatters with."""
+    cols = torch.arange(local, device=device)
+    return cols, cols + topk
 
 
 def _routing_inputs(torch, topk_idx, topk_weights, max_t: int, num_experts: int):
