@@ -288,6 +288,35 @@ def test_hybridep_syncs_the_host_once_per_dispatch_in_hybrideps_preprocessing(de
         assert dtype == torch.int64 and device == "cpu" and same
 
 
+def _hybridep_without_preprocessing_half(rank, world):
+    """A HybridEPBuffer whose runtime does not expose ``metadata_preprocessing`` (a build other than the one the
+    adapter targets): the first dispatch's buffer raises, on every rank, naming the setting that avoids it."""
+    from types import SimpleNamespace
+
+    import deep_ep
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.errors import BackendUnavailableError
+
+    class WithoutPreprocessingHalf(deep_ep.HybridEPBuffer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.runtime = SimpleNamespace()
+
+    backend = make_backend("hybridep")
+    backend._HybridEPBuffer = WithoutPreprocessingHalf
+    x, idx, w = _tokens(8, HIDDEN, 2, 4, seed=rank)
+    with pytest.raises(BackendUnavailableError) as info:
+        backend.dispatch(x, idx, w, 4, dist.group.WORLD)
+    return str(info.value)
+
+
+def test_hybridep_build_without_the_preprocessing_half_names_the_setting(deepep_emulator):
+    deepep_emulator("v1")
+    for message in run_ranks(_hybridep_without_preprocessing_half, 2):
+        assert "runtime.metadata_preprocessing" in message and "MCORE_EP_HYBRIDEP_SCAN_COUNTS=0" in message
+
+
 @pytest.mark.parametrize("local, topk", [(2, 3), (4, 2), (128, 8), (8, 8), (1, 1)])
 def test_hybridep_owned_ids_pack_each_rows_bits_first_ascending(local, topk):
     """``_owned_ids``: every row's set bits (at most K, as a top-k router leaves them) as ascending local ids, then

@@ -87,7 +87,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ..config import declare, read_bool, read_int
-from ..errors import InvalidInputError
+from ..errors import BackendUnavailableError, InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar, Integer
 from ._cuda_graph import ShapeGraphs, capture_replay
@@ -263,6 +263,13 @@ class HybridEPBackend:
                 f"{local} experts per rank, ranks per domain predicted {self._ranks_per_domain(st.world)} (HybridEP "
                 "detects them: set NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN if the prediction is wrong); use a "
                 "valid configuration " + _FALLBACK) from None
+        if self._scan_counts and not (callable(getattr(buffer, "update_template_config", None)) and callable(
+                getattr(getattr(buffer, "runtime", None), "metadata_preprocessing", None))):
+            raise BackendUnavailableError(
+                "backend 'hybridep': this HybridEPBuffer has no update_template_config / runtime.metadata_preprocessing "
+                "(DeepEP's hybrid-ep branch at 94a9f8f has both), which MCORE_EP_HYBRIDEP_SCAN_COUNTS=1 (the default) "
+                "needs to sync the host once per dispatch; set MCORE_EP_HYBRIDEP_SCAN_COUNTS=0 to call "
+                "HybridEPBuffer.dispatch as it is (two host syncs per dispatch)")
         rpd = int(buffer.num_of_hybrid_ep_ranks_per_nvlink_domain)
         local_rank = getattr(buffer, "local_rank", None)
         st.buffer, st.max_tokens, st.hidden, st.local, st.ranks_per_domain = buffer, need, hidden, local, rpd
