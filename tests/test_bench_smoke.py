@@ -36,6 +36,22 @@ def test_bench_cpu_torch_and_allgather(tmp_path):
     assert "| allgather | ok | pass |" in proc.stdout
 
 
+def test_bench_rounds_alternate_the_paths_and_are_bounded(tmp_path):
+    """``--rounds 2``: every path of a backend (plugin, its training path, the raw collectives) timed in two
+    alternating rounds of iters/2 pairs; the report says so. ``--rounds`` outside [1, iters] is a usage error."""
+    proc = _run(*TINY, "--iters", "4", "--rounds", "2", "--backends", "torch", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "ep_bench.json").read_text())
+    assert report["sizes"]["rounds"] == 2
+    res = report["results"][0]
+    assert res["conformance"]["passed"] and res["recv_rows"] > 0
+    for path in ("plugin", "plugin_autograd", "direct", "direct_counts"):
+        assert res[path]["dispatch"]["median_us"] > 0, path
+    assert "paths alternating in 2 rounds" in (tmp_path / "ep_bench.md").read_text()
+    bad = _run(*TINY, "--rounds", "0", "--out", str(tmp_path / "bad"), timeout=60)
+    assert bad.returncode == 2 and "--rounds must be in [1, --iters=3]" in bad.stderr
+
+
 def test_bench_unknown_backend_lists_valid_names(tmp_path):
     proc = _run(*TINY, "--backends", "torch,no-such-ep", "--out", str(tmp_path), timeout=60)
     assert proc.returncode != 0

@@ -37,6 +37,8 @@
 #     lease11    hybridep only: hybridep_ab.py (scan vs copy vs bare, one process, round robin), ep_bench, trace_slot.py
 #     lease12    hybridep only, short: ep_bench (conformance + plugin/direct), hybridep_ab.py (ids beside the dispatch
 #                kernel or after it), then its GPU tests against the reference and graph vs eager
+#     small_t    (not run yet) legacy/elastic at 128..1024 tokens with the paths alternating in rounds (--rounds 6), the
+#                DeepEP main tree only, no other build running: issue 11's plugin/direct at small T without drift
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -286,6 +288,10 @@ for stage in "$@"; do
       step bench_hybridep 90 bench --backends hybridep --iters 40 --name hybridep_bf16_T4096
       step hybridep_ab 70 env AB_ROUNDS=10 AB_ITERS=30 AB_OUT="$RES/hybridep_ab.json" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/hybridep_ab.py
       step gpu_tests_hybridep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep and (reference or graph or sync)" --junitxml "$RES/gpu_tests_hybridep.xml"
+      ;;
+    small_t)  # issue 11: small token counts, plugin / direct / Megatron's path alternating in rounds
+      tree "$DEEPEP_DIR"; machine_info
+      step bench_small_T_rounds 150 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 60 --rounds 6 --warmup 5 --name small_T_rounds
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info

@@ -94,6 +94,9 @@ def parse_args(argv=None, prog: Optional[str] = None, default_out: Optional[str]
                     help="SMs for DeepEP kernels, as Megatron's moe_flex_dispatcher_num_sms (default 20)")
     ap.add_argument("--direct", choices=("auto", "on", "off"), default="auto",
                     help="also time deep_ep called directly for legacy/elastic (auto: on cuda only)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every path of a backend (plugin, direct, Megatron's) in this many alternating rounds of "
+                         "iters/rounds pairs, so a host-bound machine's drift hits them alike (default 1)")
     ap.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not started by torchrun (default 2)")
     ap.add_argument("--seed", type=int, default=1234)
     default_out = default_out or DEFAULT_OUT
@@ -116,6 +119,8 @@ def parse_args(argv=None, prog: Optional[str] = None, default_out: Optional[str]
     args.tokens = args.token_list[0]
     if not 1 <= args.topk <= args.experts:
         ap.error("--topk must be in [1, --experts]")
+    if not 1 <= args.rounds <= args.iters:
+        ap.error(f"--rounds must be in [1, --iters={args.iters}] (each round times iters/rounds pairs), got {args.rounds}")
     if args.fp8 and args.hidden % 128:
         ap.error("--fp8 needs --hidden divisible by 128 (one scale per 128 columns)")
     args.backends = [b.strip().lower() for b in args.backends.split(",") if b.strip()]

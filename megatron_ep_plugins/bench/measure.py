@@ -5,6 +5,7 @@ conformance check against the reference is :mod:`megatron_ep_plugins.testing.ref
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import platform
@@ -487,32 +488,43 @@ def bench_backend(cand, made, ref, blocks, inputs, args, rank, world, group):
         ok = torch.tensor([int(all(c["ok"] for c in checks.values()))], device=args.device)  # NCCL: on the GPU
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
         res["conformance"] = {"passed": bool(ok.item()), "checks": checks}
-        # timing through the plugin
-        td, tc, recv_x = timing_plugin(slot, x_in, idx, probs, E, group, rank, args)
-        rows = (recv_x[0] if isinstance(recv_x, tuple) else recv_x).shape[0]
-        res["plugin"] = {"dispatch": summarize(td), "combine": summarize(tc)}
+        # what is timed, in this order: (result key, timing callable of the per-round args)
+        plan = [("plugin", lambda a: timing_plugin(slot, x_in, idx, probs, E, group, rank, a))]
         if not args.fp8:  # the training path: inputs that require grad, so the slot's Functions run
-            td, tc, _ = timing_plugin(slot, x_in, idx, probs, E, group, rank, args, autograd=True)
-            res["plugin_autograd"] = {"dispatch": summarize(td), "combine": summarize(tc)}
-        res["recv_rows"] = rows
+            plan.append(("plugin_autograd",
+                         lambda a: timing_plugin(slot, x_in, idx, probs, E, group, rank, a, autograd=True)))
         direct = DIRECT.get(name)
         # auto: on CUDA; the torch floor (plain collectives) also on CPU
         if direct is not None and (args.direct == "on" or (
                 args.direct == "auto" and (args.device == "cuda" or name == "torch"))):
-            dd, dc = direct(backend, x_in, idx, probs, E, group, rank, args)
-            res["direct"] = {"dispatch": summarize(dd), "combine": summarize(dc)}
+            plan.append(("direct", lambda a: direct(backend, x_in, idx, probs, E, group, rank, a)))
             extra = EXTRA_DIRECT.get(name)
             if extra is not None:
-                dd, dc = extra[1](backend, x_in, idx, probs, E, group, rank, args)
-                res[extra[0]] = {"dispatch": summarize(dd), "combine": summarize(dc)}
+                plan.append((extra[0], lambda a: extra[1](backend, x_in, idx, probs, E, group, rank, a)))
         megatron = MEGATRON.get(name)
         if megatron is not None and not args.fp8 and (
                 args.megatron == "on" or (args.megatron == "auto" and args.device == "cuda")):
-            md, mc, have = megatron(backend, x_in, idx, probs, E, group, rank, args)
-            res["megatron"] = {"dispatch": summarize(md), "combine": summarize(mc)}
-            md, mc, _ = megatron(backend, x_in, idx, probs, E, group, rank, args, autograd=True)
-            res["megatron_autograd"] = {"dispatch": summarize(md), "combine": summarize(mc)}
-            res["megatron_have_deep_ep"] = have
+            plan.append(("megatron", lambda a: megatron(backend, x_in, idx, probs, E, group, rank, a)))
+            plan.append(("megatron_autograd",
+                         lambda a: megatron(backend, x_in, idx, probs, E, group, rank, a, autograd=True)))
+        # --rounds R: the plan R times over, iters / R pairs each time, so slow drift of a host-bound machine hits
+        # every path alike; each path's median is over all its iterations
+        per_round = copy.copy(args)
+        per_round.iters = -(-args.iters // args.rounds)
+        times: dict = {}
+        for _ in range(args.rounds):
+            for key, timing in plan:
+                out = timing(per_round)
+                acc = times.setdefault(key, ([], []))
+                acc[0].extend(out[0])
+                acc[1].extend(out[1])
+                if key == "plugin":
+                    recv_x = out[2]
+                elif key == "megatron":
+                    res["megatron_have_deep_ep"] = out[2]
+        for key, (td, tc) in times.items():
+            res[key] = {"dispatch": summarize(td), "combine": summarize(tc)}
+        res["recv_rows"] = (recv_x[0] if isinstance(recv_x, tuple) else recv_x).shape[0]
         res["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - recorded; the other backends still run
         res.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
@@ -613,7 +625,7 @@ def run_rank(rank, world, args):
         "sizes": {"tokens_per_rank": args.token_list[0] if len(args.token_list) == 1 else args.token_list,
                   "hidden": args.hidden, "topk": args.topk,
                   "experts": args.experts, "fp8_dispatch": args.fp8, "iters": args.iters, "warmup": args.warmup,
-                  "num_sms": args.num_sms, "seed": args.seed, "masked": "idx[::7, 0] = -1"},
+                  "rounds": args.rounds, "num_sms": args.num_sms, "seed": args.seed, "masked": "idx[::7, 0] = -1"},
         "targets": {"plugin_over_direct_min": 0.97, "elastic_over_legacy_min": 1.5,
                     "plugin_minus_megatron_us_max": 5.0},
         "results": runs[0]["results"] if len(runs) == 1 else [r for run in runs for r in run["results"]],

@@ -20,7 +20,9 @@ def _header(report):
             f"{' (torch compiled with ' + v['nccl_compiled'] + ')' if v.get('nccl_compiled') else ''}, "
             f"deep_ep {v['deep_ep'] or '-'}, megatron-core {v['megatron_core'] or '-'}, "
             f"megatron_ep_plugins {v.get('megatron_ep_plugins') or '-'}; {report['time_utc']}; median of "
-            f"{s['iters']} iterations after {s['warmup']} warm-up, slowest rank per iteration; "
+            f"{s['iters']} iterations after {s['warmup']} warm-up"
+            f"{', paths alternating in ' + str(s['rounds']) + ' rounds' if s.get('rounds', 1) > 1 else ''}, slowest "
+            "rank per iteration; "
             "GB/s = received rows x hidden x element size / time.\n\n")
 
 
