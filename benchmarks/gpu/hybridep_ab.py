@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.getcwd())
 from megatron_ep_plugins.backends.hybridep import HybridEPBackend  # noqa: E402
-from megatron_ep_plugins.bench.measure import time_pair  # noqa: E402
+from megatron_ep_plugins.bench.measure import hybridep_direct_pair, time_pair  # noqa: E402
 
 T, H = int(os.environ.get("AB_T", 4096)), int(os.environ.get("AB_H", 7168))
 K, E = 8, 256
@@ -61,19 +61,7 @@ def adapter_case(scan: bool):
 
 
 def bare_case():
-    buf = HybridEPBackend()._HybridEPBuffer(group=group, hidden_dim=H, max_num_of_tokens_per_rank=-(-T // 64) * 64,
-                                            num_local_experts=E // world, use_fp8=False)
-    routing_map = torch.zeros(T, E, dtype=torch.bool, device=DEVICE).scatter_(1, idx, True)
-    probs = torch.zeros(T, E, dtype=torch.float32, device=DEVICE).scatter_(1, idx, w)
-    recv = buf.dispatch(hidden=x, routing_map=routing_map, probs=probs, num_of_experts=E)[0]
-
-    def d():
-        return buf.dispatch(hidden=x, routing_map=routing_map, probs=probs, num_of_experts=E)[3]
-
-    def c(handle):
-        buf.combine(hidden=recv, handle=handle)
-
-    return d, c
+    return hybridep_direct_pair(HybridEPBackend()._HybridEPBuffer, x, idx, w, E, group, rank)
 
 
 with torch.no_grad():

@@ -48,6 +48,8 @@ __all__ = ["main", "parse_args"]
 
 #: ``--out`` of ``megatron-ep bench`` (``benchmarks/ep_bench.py`` passes ``benchmarks/results``).
 DEFAULT_OUT = "ep_bench_results"
+
+
 def add_size_options(ap, gpu_defaults: dict, cpu_defaults: dict) -> None:
     """``--device`` and the sizes (``--tokens``, ``--hidden``, ``--topk``, ``--experts``, ``--iters``, ``--warmup``),
     defaulting per device; :func:`apply_device_defaults` fills them after parsing."""

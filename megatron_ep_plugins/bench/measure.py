@@ -241,33 +241,44 @@ def timing_direct_torch_counts(backend, x_in, idx, probs, E, group, rank, args):
         return time_pair(d, c, args.iters, args.warmup, args.device, group)
 
 
-def timing_direct_hybridep(backend, x_in, idx, probs, E, group, rank, args):
-    """deep_ep.HybridEPBuffer called directly (routing-map form, as Megatron's non-permute HybridEP use):
-    its own buffer for the raw hidden size, equal T on every rank (the bench gives every rank the same T)."""
+def hybridep_direct_pair(buffer_cls, x_in, idx, probs, E, group, rank):
+    """``(dispatch, combine)`` closures over a bare ``HybridEPBuffer`` (``buffer_cls``), routing-map form as Megatron's
+    non-permute HybridEP use: its own buffer for the raw hidden size, the routing map and probs built once from
+    the top-k (``-1`` sets nothing), equal T on every rank. ``timing_direct_hybridep`` and
+    ``benchmarks/gpu/hybridep_ab.py`` time these. Call under ``torch.no_grad()``."""
     import torch
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
     T, H = x_in.shape
     align = 64
-    buf = backend._HybridEPBuffer(group=group, hidden_dim=H, max_num_of_tokens_per_rank=max(align, -(-T // align) * align),
-                                  num_local_experts=E // world, use_fp8=False)
+    buf = buffer_cls(group=group, hidden_dim=H, max_num_of_tokens_per_rank=max(align, -(-T // align) * align),
+                     num_local_experts=E // world, use_fp8=False)
     valid = idx >= 0
     safe = idx.clamp(min=0)
     routing_map = torch.zeros(T, E, dtype=torch.int32, device=idx.device).scatter_add_(
         1, safe, valid.to(torch.int32)) > 0
     dense = torch.zeros(T, E, dtype=torch.float32, device=idx.device).scatter_add_(
         1, safe, torch.where(valid, probs, 0.0))
+
+    def d():
+        return buf.dispatch(hidden=x_in, routing_map=routing_map, probs=dense, num_of_experts=E)[3]
+
+    recv = buf.dispatch(hidden=x_in, routing_map=routing_map, probs=dense, num_of_experts=E)[0]
+    y = expert_output(recv, rank)
+
+    def c(handle):
+        return buf.combine(hidden=y, handle=handle)
+
+    return d, c
+
+
+def timing_direct_hybridep(backend, x_in, idx, probs, E, group, rank, args):
+    """deep_ep.HybridEPBuffer called directly (:func:`hybridep_direct_pair`)."""
+    import torch
+
     with torch.no_grad():
-        def d():
-            return buf.dispatch(hidden=x_in, routing_map=routing_map, probs=dense, num_of_experts=E)[3]
-
-        recv = buf.dispatch(hidden=x_in, routing_map=routing_map, probs=dense, num_of_experts=E)[0]
-        y = expert_output(recv, rank)
-
-        def c(handle):
-            return buf.combine(hidden=y, handle=handle)
-
+        d, c = hybridep_direct_pair(backend._HybridEPBuffer, x_in, idx, probs, E, group, rank)
         return time_pair(d, c, args.iters, args.warmup, args.device, group)
 
 
