@@ -226,3 +226,19 @@ def test_real_ncclep_matches_reference():
     assert run_ranks(_compare_ncclep, n, list(NCCLEP_SCENARIOS), "cuda", "ht", backend="nccl", env=GPU_ENV,
                      timeout=600) == [len(NCCLEP_SCENARIOS)] * n
     assert run_ranks(_ncclep_round_trip, n, "cuda", backend="nccl", env=GPU_ENV, timeout=600) == [True] * n
+
+
+def test_one_pass_pair_sum_is_bit_identical_to_gather_and_add_on_the_gpu():
+    """Combine's Triton two-row sum against the eager gather + ``torch.add`` it replaces, bf16/fp16/fp32, on the GPU
+    (where fp32 -> bf16 rounds to nearest even; Triton's CPU interpreter truncates, so CI checks fp16/fp32 only)."""
+    from megatron_ep_plugins.backends._pair_sum import pair_sum
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for tokens, hidden in ((4096, 7168), (37, 1500), (1, 7), (0, 256)):
+            gen = torch.Generator().manual_seed(tokens + hidden)
+            back = (torch.randn(1 + 2 * tokens, hidden, generator=gen) * 50).to(dtype).cuda()
+            back[0] = 0
+            bags = torch.randint(0, 1 + 2 * tokens, (tokens, 2), generator=gen).cuda()
+            out = pair_sum(back, bags)
+            both = back.index_select(0, bags.view(-1)).view(tokens, 2, hidden)
+            assert out is not None and torch.equal(out, torch.add(both[:, 0], both[:, 1])), (dtype, tokens, hidden)

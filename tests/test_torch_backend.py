@@ -552,3 +552,68 @@ def test_shape_graphs_capture_at_second_sight_keep_failures_and_a_limit():
     graphs.lookup("c", make("C"))
     assert graphs.lookup("c", make("C")) is None and len(graphs) == 2  # the limit: later shapes stay eager
     assert sorted(map(str, graphs.values())) == ["A", "None"]
+
+
+_PAIR_SUM_CHECK = r"""
+import torch
+from megatron_ep_plugins.backends import _pair_sum
+
+results = []
+for dtype in (torch.float16, torch.float32):
+    for tokens, hidden in ((5, 1500), (3, 1024), (0, 64), (4, 7)):
+        gen = torch.Generator().manual_seed(tokens * hidden + 1)
+        back = (torch.randn(1 + 2 * tokens, hidden, generator=gen) * 50).to(dtype)
+        back[0] = 0  # the spare row empty slots point at
+        bags = torch.randint(0, 1 + 2 * tokens, (tokens, 2), generator=gen)
+        out = _pair_sum.pair_sum(back, bags)
+        both = back.index_select(0, bags.view(-1)).view(tokens, 2, hidden)
+        ref = torch.add(both[:, 0], both[:, 1])
+        results.append((str(dtype), tokens, hidden, out is not None and out.dtype == dtype and torch.equal(out, ref)))
+print(results)
+assert all(r[-1] for r in results), results
+print("OK")
+"""
+
+
+def test_one_pass_pair_sum_kernel_matches_gather_and_add_in_tritons_interpreter():
+    """The Triton kernel of combine's two-row sum (``backends/_pair_sum.py``), run by Triton's own CPU interpreter
+    (``TRITON_INTERPRET=1``, in a subprocess since Triton reads it when the kernel is decorated): bit-identical to
+    the eager gather + ``torch.add`` for fp16 and fp32, hidden sizes not a multiple of the block, no tokens, slots
+    pointing at the spare row. bf16 rounding is checked on the GPU (``tests/test_gpu.py``): the interpreter
+    truncates fp32 -> bf16 where the GPU rounds to nearest even."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", _PAIR_SUM_CHECK], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_pair_sum_without_triton_falls_back_with_one_warning(monkeypatch, caplog):
+    """No Triton (or a Triton that cannot build the kernel): ``pair_sum`` answers ``None`` (the combine then gathers
+    and adds eagerly), warns once, and does not try again on every call."""
+    import logging
+    import sys
+
+    from megatron_ep_plugins.backends import _pair_sum
+
+    monkeypatch.setattr(_pair_sum, "_state", {})
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    back, bags = torch.zeros(3, 4), torch.tensor([[1, 2]])
+    with caplog.at_level(logging.WARNING, logger="megatron_ep_plugins"):
+        assert _pair_sum.pair_sum(back, bags) is None
+        assert _pair_sum.pair_sum(back, bags) is None
+    warnings = [r.getMessage() for r in caplog.records if "one-pass combine sum" in r.getMessage()]
+    assert len(warnings) == 1 and "gathers and adds in two steps" in warnings[0], warnings
+
+
+def test_fused_sum_setting_is_declared_and_read_once(monkeypatch):
+    from megatron_ep_plugins.backends.torch_a2a import SETTINGS, TorchA2ABackend
+
+    assert "MCORE_EP_TORCH_FUSED_SUM" in {v.name for v in SETTINGS}
+    monkeypatch.setenv("MCORE_EP_TORCH_FUSED_SUM", "0")
+    assert TorchA2ABackend().fused_sum is False
+    monkeypatch.setenv("MCORE_EP_TORCH_FUSED_SUM", "1")
+    assert TorchA2ABackend().fused_sum is True

@@ -37,8 +37,11 @@
 #     lease11    hybridep only: hybridep_ab.py (scan vs copy vs bare, one process, round robin), ep_bench, trace_slot.py
 #     lease12    hybridep only, short: ep_bench (conformance + plugin/direct), hybridep_ab.py (ids beside the dispatch
 #                kernel or after it), then its GPU tests against the reference and graph vs eager
-#     small_t    (not run yet) legacy/elastic at 128..1024 tokens with the paths alternating in rounds (--rounds 6), the
+#     small_t    legacy/elastic at 128..1024 tokens with the paths alternating in rounds (--rounds 6), the
 #                DeepEP main tree only, no other build running: issue 11's plugin/direct at small T without drift
+#     lease13    small_t, then the torch backend's one-pass combine sum: combine_sum_ab.py (one GPU: eager, Triton,
+#                torch.compile), ep_bench torch at 4096..16384 with MCORE_EP_TORCH_FUSED_SUM=1 and 0 alternating twice,
+#                the torch GPU tests; then hybridep's GPU tests (reference, graph, sync) on its cumsum ids
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -292,6 +295,18 @@ for stage in "$@"; do
     small_t)  # issue 11: small token counts, plugin / direct / Megatron's path alternating in rounds
       tree "$DEEPEP_DIR"; machine_info
       step bench_small_T_rounds 150 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 60 --rounds 6 --warmup 5 --name small_T_rounds
+      ;;
+    lease13)  # issue 11's small T in rounds (no build running); torch's one-pass combine sum on and off; hybridep's ids
+      for i in $(seq 120); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$DEEPEP_DIR"; machine_info
+      step bench_small_T_rounds 150 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 60 --rounds 6 --warmup 5 --name small_T_rounds
+      step combine_sum_ab 60 env SUM_OUT="$RES/combine_sum_ab.json" $PY benchmarks/gpu/combine_sum_ab.py
+      for pass in 1 2; do for fused in 1 0; do
+        step bench_torch_fused${fused}_$pass 60 env MCORE_EP_TORCH_FUSED_SUM=$fused bash -c 'bench --backends torch --tokens 4096,8192,16384 --iters 20 --warmup 3 --name torch_fused'$fused'_'$pass
+      done; done
+      step gpu_tests_torch 90 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "torch or one_host_sync or pair_sum" --junitxml "$RES/gpu_tests_torch.xml"
+      tree "$HYBRIDEP_DIR"
+      step gpu_tests_hybridep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep and (reference or graph or sync)" --junitxml "$RES/gpu_tests_hybridep.xml"
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info

@@ -26,8 +26,9 @@ How (shapes: T tokens, K top-k, R ranks, L = E/R experts per rank, S rows sent, 
   host sync makes the GPU wait for all of it.
 * Combine receives the rows back into a buffer whose row 0 is a spare (zero) row, and sums them per
   token over precomputed positions (``[T, min(R, K)]``, empty slots pointing at row 0). With at most two
-  rows per token (two ranks, or top-1/top-2) a gather of both rows side by side and one elementwise add of
-  the halves (two values add in fp32 and round once, in either order); else
+  rows per token (two ranks, or top-1/top-2): on CUDA one Triton kernel reading both rows and writing their
+  sum (:mod:`._pair_sum`), else a gather of both rows side by side and one elementwise add of the halves
+  (two values add in fp32 and round once, in either order); else
   ``embedding_bag(mode="sum", padding_idx=0)``, on CPU fbgemm's fast path for fp32/fp16 (the padding path
   for bf16, which rounds ties to even where fbgemm's bf16 output does not). Always fp32 accumulation in
   ascending destination order and one rounding to the input dtype: exactly "fp32 sum over destination
@@ -48,6 +49,7 @@ from ..errors import InvalidInputError
 from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Boolean, Capabilities, DispatchResult, EnvVar
 from ._cuda_graph import ShapeGraphs, capture_replay
+from ._pair_sum import pair_sum
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -93,6 +95,8 @@ class TorchA2ABackend:
         self.gather_before_sync: Optional[bool] = None
         #: Replay the routing as a CUDA graph per shape (``MCORE_EP_TORCH_CUDA_GRAPHS``, read once here).
         self.cuda_graphs: bool = read_bool("MCORE_EP_TORCH_CUDA_GRAPHS")
+        #: Sum a token's two returned rows with one Triton kernel on CUDA (``MCORE_EP_TORCH_FUSED_SUM``, read once).
+        self.fused_sum: bool = read_bool("MCORE_EP_TORCH_FUSED_SUM")
         self._consts: dict = {}  # (device, R, E, hidden, topk, dtype) -> _Consts
         self._graphs = ShapeGraphs(_MAX_GRAPHS)  # (consts key, T, idx dtype) -> _RouteGraph (None: capture failed)
         self._host: dict = {}  # (device, header shape) -> (pinned host buffer, CUDA event)
@@ -226,8 +230,11 @@ class TorchA2ABackend:
             if width == 1:
                 combined = back.index_select(0, bags.view(-1))
             else:
-                both = back.index_select(0, bags.view(-1)).view(bags.shape[0], 2, x.shape[1])
-                combined = torch.add(both[:, 0], both[:, 1])
+                # CUDA: one kernel reads both rows and writes their sum (MCORE_EP_TORCH_FUSED_SUM; None = unavailable)
+                combined = pair_sum(back, bags) if self.fused_sum and x.is_cuda else None
+                if combined is None:
+                    both = back.index_select(0, bags.view(-1)).view(bags.shape[0], 2, x.shape[1])
+                    combined = torch.add(both[:, 0], both[:, 1])
         elif x.is_cuda or x.dtype == torch.bfloat16:
             # more than two rows: embedding_bag accumulates in fp32 in bag order; the spare row is skipped as
             # padding (on CPU fbgemm's bf16 fast path rounds ties away from zero, the padding path to even)
@@ -480,6 +487,10 @@ SETTINGS = declare(
     EnvVar("MCORE_EP_TORCH_CUDA_GRAPHS", "1", "`1`: on CUDA, backend `torch` replays its routing (about 30 small "
            "kernels before the dispatch's host sync) as one CUDA graph per token count, captured at the second "
            "dispatch of that count (at most 16 kept); `0`: launch them one by one.", Boolean()),
+    EnvVar("MCORE_EP_TORCH_FUSED_SUM", "1", "`1`: on CUDA, backend `torch`'s combine sums a token's two returned rows "
+           "(two ranks, or top-1/top-2) with one Triton kernel that reads each row once (same bits as the eager "
+           "gather + add; falls back to those, with one warning, where Triton is missing); `0`: gather + add.",
+           Boolean()),
 )
 
 
