@@ -42,6 +42,8 @@
 #     lease13    small_t, then the torch backend's one-pass combine sum: combine_sum_ab.py (one GPU: eager, Triton,
 #                torch.compile), ep_bench torch at 4096..16384 with MCORE_EP_TORCH_FUSED_SUM=1 and 0 alternating twice,
 #                the torch GPU tests; then hybridep's GPU tests (reference, graph, sync) on its cumsum ids
+#     lease14    small_t again (and a clean exit of a legacy+elastic sweep), the torch token sweep 128..16384 with the
+#                one-pass combine sum, bf16 T=4096 torch+legacy+elastic in one run
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -307,6 +309,14 @@ for stage in "$@"; do
       step gpu_tests_torch 90 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "torch or one_host_sync or pair_sum" --junitxml "$RES/gpu_tests_torch.xml"
       tree "$HYBRIDEP_DIR"
       step gpu_tests_hybridep 150 $PY -m pytest -v -rA tests/test_gpu.py -k "hybridep and (reference or graph or sync)" --junitxml "$RES/gpu_tests_hybridep.xml"
+      ;;
+    lease14)  # after lease13: small T in rounds again (and whether a legacy+elastic sweep now exits cleanly), torch's
+      # token sweep with the one-pass combine sum, bf16 T=4096 torch+legacy+elastic in one run
+      for i in $(seq 120); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$DEEPEP_DIR"; machine_info
+      step bench_small_T_rounds 150 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 60 --rounds 6 --warmup 5 --name small_T_rounds
+      step bench_torch_sweep 150 bench --backends torch --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name torch_sweep
+      step bench_bf16_T4096 120 bench --backends torch,legacy,elastic --iters 30 --name bf16_T4096
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info

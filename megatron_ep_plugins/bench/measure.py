@@ -651,19 +651,22 @@ def run_rank(rank, world, args):
     dist.barrier(group=group)
     failed = [r["backend"] for r in report["results"]
               if r["status"] == "error" or (r["status"] == "ok" and not r["conformance"]["passed"])]
-    # Free the backends' communication buffers while the process group still exists: a DeepEP V2
-    # ElasticBuffer destroyed after destroy_process_group() dies in its destructor (cudaErrorIllegalAddress,
-    # seen on 2 x H200), which turned finished runs into SIGABRT exits.
-    for item in made.values():
+    # Free the backends' communication buffers while the process group still exists, one backend at a time
+    # with every rank at the same point: a DeepEP V2 ElasticBuffer's destructor runs a GPU barrier with its
+    # peers, so it must not be destroyed after destroy_process_group() (cudaErrorIllegalAddress, seen on
+    # 2 x H200) nor while a peer is still inside another buffer's destructor (sweeps with legacy and elastic
+    # still ended in that SIGABRT when every backend was dropped in one gc pass).
+    ref_slot = None
+    for name in list(made):
+        item = made.pop(name)
         close = getattr(item[0], "close", None) if isinstance(item, tuple) else None
         if close is not None:
             close()
-    made.clear()
-    ref_slot = None
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    dist.barrier(group=group)
+        del item
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier(group=group)
     dist.destroy_process_group()
     return 1 if failed else 0
 
