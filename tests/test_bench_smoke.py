@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ep_bench.py"
 TINY = ["--device", "cpu", "--tokens", "64", "--hidden", "32", "--topk", "2", "--experts", "4", "--iters", "3",
         "--warmup", "1"]
@@ -112,3 +114,23 @@ def test_hybridep_ab_script_runs_on_the_cpu_emulator(tmp_path):
     assert set(record["median_us"]) == {"scan", "copy", "bare"} and record["bare_over_case"]["bare"] == 1.0
     assert all(len(rounds) == 2 for rounds in record["per_round_us"].values())
     assert "| scan |" in proc.stdout and "| bare |" in proc.stdout
+
+
+def test_combine_sum_ab_script_runs_on_cpu_through_tritons_interpreter(tmp_path):
+    """``benchmarks/gpu/combine_sum_ab.py`` (a one-GPU diagnostic of the ``torch`` backend's combine sum) on CPU: the
+    eager gather + add and the Triton kernel under ``TRITON_INTERPRET=1`` (fp16, whose rounding the interpreter
+    models), the table and the JSON come out, and the kernel's bits equal eager's."""
+    import os
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, SUM_DEVICE="cpu", SUM_VARIANTS="eager,triton", TRITON_INTERPRET="1", SUM_DTYPE="float16",
+               SUM_H="100", SUM_TOKENS="8,20", SUM_ROUNDS="2", SUM_ITERS="1", SUM_OUT=str(tmp_path / "sum.json"))
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu" / "combine_sum_ab.py")],
+                          capture_output=True, text=True, timeout=180, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((tmp_path / "sum.json").read_text())
+    assert [r["tokens"] for r in record["results"]] == [8, 20]
+    for row in record["results"]:
+        assert row["triton"]["bit_identical_to_eager"] and row["eager"]["gpu_us"] > 0
+    assert "| 20 |" in proc.stdout

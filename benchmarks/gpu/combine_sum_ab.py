@@ -11,8 +11,9 @@ rounds of ``SUM_ITERS`` calls:
 
 Per call: GPU time (CUDA events around the loop) and host time (wall clock of launching the loop, no sync
 inside). Every variant's output is compared bit for bit with eager's. Writes ``SUM_OUT`` (default
-``$OUT/combine_sum_ab.json``) and prints a markdown table. ``SUM_DEVICE=cpu`` is a smoke run of the eager and
-compiled paths only (no Triton on CPU).
+``$OUT/combine_sum_ab.json``) and prints a markdown table. ``SUM_VARIANTS`` picks variants (default all three on
+CUDA, ``eager,compiled`` on CPU); ``SUM_DEVICE=cpu SUM_VARIANTS=eager,triton TRITON_INTERPRET=1 SUM_DTYPE=float16``
+is the CPU smoke run CI does (Triton's interpreter; it truncates fp32 -> bf16, so bf16 bits differ there).
 """
 import json
 import os
@@ -43,7 +44,7 @@ def _expr(back, bags):
     return (back[bags[:, 0]].float() + back[bags[:, 1]].float()).to(back.dtype)
 
 
-compiled = torch.compile(_expr, dynamic=True)
+compiled = torch.compile(_expr, dynamic=True)  # compiles at its first call only
 
 
 def inputs(num_tokens):
@@ -78,9 +79,9 @@ def timed(fn, back, bags):
 
 
 def main():
-    variants = {"eager": eager, "compiled": compiled}
-    if DEVICE == "cuda":
-        variants["triton"] = pair_sum
+    known = {"eager": eager, "compiled": compiled, "triton": pair_sum}
+    default = "eager,compiled,triton" if DEVICE == "cuda" else "eager,compiled"
+    variants = {name: known[name] for name in os.environ.get("SUM_VARIANTS", default).split(",")}
     rows = []
     for num_tokens in TOKENS:
         back, bags = inputs(num_tokens)
