@@ -44,6 +44,7 @@
 #                the torch GPU tests; then hybridep's GPU tests (reference, graph, sync) on its cumsum ids
 #     lease14    small_t again (and a clean exit of a legacy+elastic sweep), the torch token sweep 128..16384 with the
 #                one-pass combine sum, bf16 T=4096 torch+legacy+elastic in one run
+#     lease15    torch only: a2a_host_cost.py (the c10d wrapper vs the ProcessGroup call), T=4096 in three processes, trace
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -317,6 +318,13 @@ for stage in "$@"; do
       step bench_small_T_rounds 150 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 60 --rounds 6 --warmup 5 --name small_T_rounds
       step bench_torch_sweep 150 bench --backends torch --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name torch_sweep
       step bench_bf16_T4096 120 bench --backends torch,legacy,elastic --iters 30 --name bf16_T4096
+      ;;
+    lease15)  # torch only (wheels installed, no DeepEP): host cost of one all_to_all_single by how it is called,
+      # T=4096 in three processes (process-to-process spread with the one-pass sum), trace at T=4096
+      export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info
+      step a2a_host_cost 60 env A2A_OUT="$RES/a2a_host_cost.json" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/a2a_host_cost.py
+      for p in 1 2 3; do step bench_torch_T4096_p$p 50 bench --backends torch --tokens 4096 --iters 30 --name torch_T4096_p$p; done
+      step trace_torch 60 env TRACE_BACKEND=torch TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info
