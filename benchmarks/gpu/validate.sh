@@ -45,6 +45,7 @@
 #     lease14    small_t again (and a clean exit of a legacy+elastic sweep), the torch token sweep 128..16384 with the
 #                one-pass combine sum, bf16 T=4096 torch+legacy+elastic in one run
 #     lease15    torch only: a2a_host_cost.py (the c10d wrapper vs the ProcessGroup call), T=4096 in three processes, trace
+#     lease16    torch only: host_speed.sh (per-vCPU Python speed; T=4096 unpinned, and each rank pinned to 8 vCPUs)
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -323,8 +324,19 @@ for stage in "$@"; do
       # T=4096 in three processes (process-to-process spread with the one-pass sum), trace at T=4096
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info
       step a2a_host_cost 60 env A2A_OUT="$RES/a2a_host_cost.json" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/a2a_host_cost.py
-      for p in 1 2 3; do step bench_torch_T4096_p$p 50 bench --backends torch --tokens 4096 --iters 30 --name torch_T4096_p$p; done
+      for p in 1 2 3; do
+        step bench_torch_T4096_p$p 50 bench --backends torch --tokens 4096 --iters 30 --name torch_T4096_p$p
+      done
       step trace_torch 60 env TRACE_BACKEND=torch TRACE_T=4096 TRACE_ITERS=10 TRACE_OUT="$RES" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/trace_slot.py
+      ;;
+    lease16)  # torch only: is a slow host-bound process a slow vCPU? per-core Python speed, then T=4096 pinned and not
+      export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info
+      step core_speed 60 bash benchmarks/gpu/host_speed.sh cores
+      for run in a b; do
+        step bench_torch_free_$run 50 bench --backends torch --tokens 4096 --iters 30 --name torch_T4096_free_$run
+        step bench_torch_pin_lo_$run 50 bash benchmarks/gpu/host_speed.sh bench 0-7 8-15 --backends torch --tokens 4096 --iters 30 --out "$RES/bench" --name torch_T4096_pin_lo_$run
+        step bench_torch_pin_hi_$run 50 bash benchmarks/gpu/host_speed.sh bench 16-23 24-31 --backends torch --tokens 4096 --iters 30 --out "$RES/bench" --name torch_T4096_pin_hi_$run
+      done
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
       export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}; machine_info

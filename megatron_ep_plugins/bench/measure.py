@@ -420,6 +420,15 @@ def versions(device):
     return info
 
 
+def host_python_us() -> float:
+    """This process's pure-Python speed: us per ``sum(range(200))``, best of 5 x 2000. Host-bound timings (small T,
+    the ``torch`` backend) track it: on the 2 x H200 VM some processes ran at half this machine's usual speed
+    (16.6 against 8.4 us), and every host-bound number of such a process is slower by about as much."""
+    import timeit
+
+    return min(timeit.repeat("sum(range(200))", number=2000, repeat=5)) / 2000 * 1e6
+
+
 def machine(device, world):
     import torch
 
@@ -628,10 +637,12 @@ def run_rank(rank, world, args):
                 progress.done(f"T={tokens} {cand.spec.name}: {res['status']}")
         derive(results)
         runs.append({"tokens_per_rank": tokens, "results": results})
+    speeds = [None] * world  # each rank's host speed, after the timings (one small collective, off the clock)
+    dist.all_gather_object(speeds, round(host_python_us(), 2), group=group)
     report = {
         "benchmark": "ep_bench",
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(args.device, world),
+        "machine": {**machine(args.device, world), "host_python_us_per_rank": speeds},
         "versions": versions(args.device),
         "sizes": {"tokens_per_rank": args.token_list[0] if len(args.token_list) == 1 else args.token_list,
                   "hidden": args.hidden, "topk": args.topk,

@@ -23,7 +23,16 @@ def _header(report):
             f"{s['iters']} iterations after {s['warmup']} warm-up"
             f"{', paths alternating in ' + str(s['rounds']) + ' rounds' if s.get('rounds', 1) > 1 else ''}, slowest "
             "rank per iteration; "
+            f"{_host_speed(m)}"
             "GB/s = received rows x hidden x element size / time.\n\n")
+
+
+def _host_speed(m):
+    speeds = m.get("host_python_us_per_rank")
+    if not speeds:
+        return ""
+    return ("host speed (us per sum(range(200)), by rank; larger = slower host, host-bound numbers scale with it) "
+            + " / ".join(f"{v:.1f}" for v in speeds) + "; ")
 
 
 def _us(r, path, op):
