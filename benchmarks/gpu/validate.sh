@@ -334,8 +334,8 @@ for stage in "$@"; do
       step core_speed 60 bash benchmarks/gpu/host_speed.sh cores
       for run in a b; do
         step bench_torch_free_$run 50 bench --backends torch --tokens 4096 --iters 30 --name torch_T4096_free_$run
-        step bench_torch_pin_lo_$run 50 bash benchmarks/gpu/host_speed.sh bench 0-7 8-15 --backends torch --tokens 4096 --iters 30 --out "$RES/bench" --name torch_T4096_pin_lo_$run
-        step bench_torch_pin_hi_$run 50 bash benchmarks/gpu/host_speed.sh bench 16-23 24-31 --backends torch --tokens 4096 --iters 30 --out "$RES/bench" --name torch_T4096_pin_hi_$run
+        step bench_torch_pin_lo_$run 50 bash benchmarks/gpu/host_speed.sh pinned 0-7 8-15 --backends torch --tokens 4096 --iters 30 --out "$RES/bench" --name torch_T4096_pin_lo_$run
+        step bench_torch_pin_hi_$run 50 bash benchmarks/gpu/host_speed.sh pinned 16-23 24-31 --backends torch --tokens 4096 --iters 30 --out "$RES/bench" --name torch_T4096_pin_hi_$run
       done
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
