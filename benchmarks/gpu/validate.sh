@@ -46,6 +46,7 @@
 #                one-pass combine sum, bf16 T=4096 torch+legacy+elastic in one run
 #     lease15    torch only: a2a_host_cost.py (the c10d wrapper vs the ProcessGroup call), T=4096 in three processes, trace
 #     lease16    torch only: host_speed.sh (per-vCPU Python speed; T=4096 unpinned, and each rank pinned to 8 vCPUs)
+#     lease17    small_t three times, each report with its ranks' host speed (main tree only; hybridep not built)
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -336,6 +337,13 @@ for stage in "$@"; do
         step bench_torch_free_$run 50 bench --backends torch --tokens 4096 --iters 30 --name torch_T4096_free_$run
         step bench_torch_pin_lo_$run 50 bash benchmarks/gpu/host_speed.sh pinned 0-7 8-15 --backends torch --tokens 4096 --iters 30 --out "$RES/bench" --name torch_T4096_pin_lo_$run
         step bench_torch_pin_hi_$run 50 bash benchmarks/gpu/host_speed.sh pinned 16-23 24-31 --backends torch --tokens 4096 --iters 30 --out "$RES/bench" --name torch_T4096_pin_hi_$run
+      done
+      ;;
+    lease17)  # issue 11 with each rank's host speed in the report: small T in rounds, three processes
+      for i in $(seq 120); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$DEEPEP_DIR"; machine_info
+      for run in a b c; do
+        step bench_small_T_$run 80 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 60 --rounds 6 --warmup 5 --name small_T_rounds_$run
       done
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)

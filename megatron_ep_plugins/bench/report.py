@@ -31,8 +31,18 @@ def _host_speed(m):
     speeds = m.get("host_python_us_per_rank")
     if not speeds:
         return ""
-    return ("host speed (us per sum(range(200)), by rank; larger = slower host, host-bound numbers scale with it) "
+    text = ("host speed (us per sum(range(200)), by rank; larger = slower host, host-bound numbers scale with it) "
             + " / ".join(f"{v:.1f}" for v in speeds) + "; ")
+    if max(speeds) > SLOW_HOST_RATIO * min(speeds):
+        slow = [str(rank) for rank, v in enumerate(speeds) if v > SLOW_HOST_RATIO * min(speeds)]
+        text += (f"**rank(s) {', '.join(slow)} ran on a slower CPU than the others**: host-bound rows (small T, "
+                 "`torch`) of this run are slower than the code is; ")
+    return text
+
+
+#: A rank whose pure-Python speed is this many times the fastest rank's is flagged (on the 2 x H200 VM about a third
+#: of the vCPUs run at half speed at any moment, and which ones changes: ``benchmarks/gpu/host_speed.sh cores``).
+SLOW_HOST_RATIO = 1.3
 
 
 def _us(r, path, op):
