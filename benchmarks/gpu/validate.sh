@@ -47,6 +47,8 @@
 #     lease15    torch only: a2a_host_cost.py (the c10d wrapper vs the ProcessGroup call), T=4096 in three processes, trace
 #     lease16    torch only: host_speed.sh (per-vCPU Python speed; T=4096 unpinned, and each rank pinned to 8 vCPUs)
 #     lease17    small_t three times, each report with its ranks' host speed (main tree only; hybridep not built)
+#     lease18    exit_check.py: legacy and elastic, the job ending with destroy_process_group() while the plugin holds
+#                its buffers, with the process group alive, and after releasing them first (main tree only)
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -344,6 +346,13 @@ for stage in "$@"; do
       tree "$DEEPEP_DIR"; machine_info
       for run in a b c; do
         step bench_small_T_$run 80 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 60 --rounds 6 --warmup 5 --name small_T_rounds_$run
+      done
+      ;;
+    lease18)  # does a job that used legacy/elastic through the plugin exit cleanly? exit_check.py, one launch per case
+      for i in $(seq 120); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$DEEPEP_DIR"; machine_info
+      for case in elastic:destroy elastic:release elastic:plain legacy:destroy legacy:plain legacy:release; do
+        step exit_${case%%:*}_${case##*:} 60 env EXIT_BACKEND=${case%%:*} EXIT_MODE=${case##*:} $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/exit_check.py
       done
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
