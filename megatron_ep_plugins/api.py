@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from . import __version__, patching
+from . import __version__, patching, teardown
 from .autograd import build_slot
 from .config import Settings, load_settings, normalize_backend_request
 from .consistency import check_agreement
@@ -104,6 +104,11 @@ def install(backend: Optional[str] = None, *, environ: Optional[Mapping[str, str
         _installation = None
         _notify_installed(registry, choice, live)
         _installation = Installation(choice, live, version, tuple(patched), settings)
+        release = getattr(live, "release", None)
+        if release is not None:  # free its buffers before the process group goes (teardown.py says why)
+            teardown.hook(release)
+        else:
+            teardown.unhook()
         log.info("%s", choice.summary())
         return _installation
 
@@ -130,6 +135,7 @@ def uninstall() -> list[str]:
     global _installation
     with _lock:
         restored = patching.revert()
+        teardown.unhook()
         _installation = None
         return restored
 

@@ -475,6 +475,9 @@ class EPBackend(Protocol):
     Inputs were not validated by the core (that would cost a sync); a backend checks what it can
     check for free and raises :class:`megatron_ep_plugins.errors.InvalidInputError` on every rank
     alike (never on one rank only, which would hang the others).
+
+    Optional: ``release(group=None)``, called collectively before ``destroy_process_group(group)`` to free
+    buffers that must not outlive the group (``docs/backend-contract.md``, ``megatron_ep_plugins.teardown``).
     """
 
     #: The registered backend name (the factory sets it).

@@ -195,3 +195,42 @@ def test_a_raising_installed_hook_leaves_megatron_unpatched():
         mep.install("torch")
     assert mep.installed() is None and patching.current() is None
     assert all(slots()[k] is v for k, v in before.items())
+
+
+def test_teardown_hook_releases_first_never_stacks_and_unhooks(monkeypatch, caplog):
+    """``teardown.hook``: ``destroy_process_group(group)`` calls the backend's ``release(group)`` first, then the
+    original (in ``torch.distributed`` and ``distributed_c10d`` alike); a second hook replaces the first; a release
+    that raises is logged and the user's teardown still runs; ``unhook`` restores the original."""
+    import logging
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    from megatron_ep_plugins import teardown
+
+    calls = []
+
+    def original(group=None):
+        calls.append(("destroy", group))
+
+    monkeypatch.setattr(dist, "destroy_process_group", original)
+    monkeypatch.setattr(c10d, "destroy_process_group", original)
+    teardown.hook(lambda group: calls.append(("first", group)))
+    teardown.hook(lambda group: calls.append(("release", group)))
+    assert teardown.hooked() is original and c10d.destroy_process_group is dist.destroy_process_group
+    dist.destroy_process_group("g")
+    assert calls == [("release", "g"), ("destroy", "g")]
+
+    def broken(group):
+        raise RuntimeError("boom")
+
+    teardown.hook(broken)
+    with caplog.at_level(logging.WARNING, logger="megatron_ep_plugins"):
+        c10d.destroy_process_group()
+    assert calls[-1] == ("destroy", None)
+    assert any("could not free the backend's buffers" in r.getMessage() and "boom" in r.getMessage()
+               for r in caplog.records)
+    teardown.unhook()
+    assert dist.destroy_process_group is original and c10d.destroy_process_group is original
+    assert teardown.hooked() is None
+    teardown.unhook()  # no-op when not hooked

@@ -154,3 +154,46 @@ def test_bench_times_the_plugin_and_megatrons_path_with_and_without_autograd():
             assert r["plugin"] == [2, 2, True] and r["megatron"] == [2, 2, True], (autograd, r)
             assert r["rows"] > 0 and r["leaf_untouched"]
         assert per_rank["fp8"] == {"plugin": [2, 2], "pair": True}
+
+
+def _rank_job_end(rank, world, keep_hook):
+    """A job's last moments with ``elastic`` installed: one dispatch + combine, then ``destroy_process_group()`` while
+    the installation still holds the backend (as it does until the process exits), then the installation goes.
+    ``keep_hook=False``: without the teardown hook install() puts in place. An abort (the emulator's, as on the GPU)
+    ends the rank before it returns."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    import megatron_ep_plugins as mep
+    from megatron_ep_plugins import teardown
+
+    _enable_emulator("v2")
+    with _gpu_probes_pass():
+        backend = mep.install("elastic").backend
+        hooked = teardown.hooked() is not None
+        if not keep_hook:
+            teardown.unhook()
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(4 + rank, HIDDEN, generator=gen).to(torch.bfloat16)
+        idx = torch.rand(4 + rank, EXPERTS, generator=gen).topk(2, dim=1).indices
+        res = backend.dispatch(x, idx, torch.rand(4 + rank, 2, generator=gen), EXPERTS, dist.group.WORLD)
+        backend.combine(res.recv_x, res.handle, dist.group.WORLD)
+        del res, backend
+    dist.destroy_process_group()
+    mep.uninstall()  # drops the installation, and with it the backend and (unless released) its buffer
+    gc.collect()
+    return hooked, teardown.hooked() is None
+
+
+def test_job_ending_with_destroy_process_group_exits_cleanly_with_elastic_installed():
+    """On 2 x H200 a job that used ``elastic`` and called ``destroy_process_group()`` died with SIGABRT at exit: the
+    ``ElasticBuffer`` destructor's GPU barrier ran after the group was gone (``benchmarks/gpu/exit_check.py``,
+    ``logs/steps_lease18.txt``). ``install()`` now hooks ``destroy_process_group`` to release the backend's buffers
+    first; without the hook the emulator aborts the rank as the GPU did."""
+    for hooked, unhooked_after_uninstall in run_ranks(_rank_job_end, 2, True, timeout=240):
+        assert hooked and unhooked_after_uninstall
+    outcomes = run_ranks(_rank_job_end, 2, False, timeout=240, expect_failure=True)
+    assert all(o.exitcode == -6 for o in outcomes), [o.describe() for o in outcomes]
+    assert all("cudaErrorIllegalAddress" in (o.stderr or "") for o in outcomes), [o.describe() for o in outcomes]

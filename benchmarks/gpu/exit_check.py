@@ -9,7 +9,13 @@ dispatch/combine pairs through the slot Megatron calls, then end the way trainin
   still held by a module global, as an installed plugin's is by Megatron's patched module, then exit;
 * ``EXIT_MODE=plain``: exit with the process group alive (interpreter teardown frees everything);
 * ``EXIT_MODE=release``: drop the slot, ``gc.collect()``, barrier, then ``destroy_process_group()`` (what
-  ``ep_bench`` does).
+  ``ep_bench`` does);
+* ``EXIT_MODE=install``: the backend through ``megatron_ep_plugins.install()`` (which hooks ``destroy_process_group``
+  to call the backend's ``release`` first, ``megatron_ep_plugins/teardown.py``), then ``destroy_process_group()``.
+
+2 x H200, 2026-11-30 (``validate.sh lease18``): ``elastic`` + ``destroy`` exited with SIGABRT (-6) on both ranks after
+reaching the end; ``release`` and ``plain`` exited with 0, and ``legacy`` with 0 in all three. ``install`` came after
+that run and has been checked on the DeepEP emulator only.
 
 ``EXIT_BACKEND`` names the backend (default ``elastic``). Launch:
 ``EXIT_BACKEND=elastic EXIT_MODE=destroy torchrun --nproc-per-node 2 benchmarks/gpu/exit_check.py``; each rank prints
@@ -33,8 +39,11 @@ def main():
     rank = int(os.environ["RANK"])
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
-    backends = {c.spec.name: c for c in api.list_backends()[1]}
-    slot = HELD["slot"] = build_slot(backends[BACKEND].spec.factory())
+    if MODE == "install":
+        slot = HELD["slot"] = build_slot(api.install(BACKEND).backend)  # the installation holds the backend too
+    else:
+        backends = {c.spec.name: c for c in api.list_backends()[1]}
+        slot = HELD["slot"] = build_slot(backends[BACKEND].spec.factory())
     gen = torch.Generator().manual_seed(rank)
     tokens, hidden, experts, topk = 256, 7168, 256, 8
     x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
@@ -52,7 +61,10 @@ def main():
         gc.collect()
         torch.cuda.synchronize()
         dist.barrier()
-    if MODE in ("destroy", "release"):
+    if MODE == "install":
+        del slot, handle, recv_x  # a training step's handles are gone by the end of the job
+        HELD.clear()
+    if MODE in ("destroy", "release", "install"):
         dist.destroy_process_group()
 
 

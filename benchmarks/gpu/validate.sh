@@ -351,7 +351,7 @@ for stage in "$@"; do
     lease18)  # does a job that used legacy/elastic through the plugin exit cleanly? exit_check.py, one launch per case
       for i in $(seq 120); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
       tree "$DEEPEP_DIR"; machine_info
-      for case in elastic:destroy elastic:release elastic:plain legacy:destroy legacy:plain legacy:release; do
+      for case in elastic:install elastic:destroy elastic:release elastic:plain legacy:destroy legacy:plain legacy:release; do
         step exit_${case%%:*}_${case##*:} 60 env EXIT_BACKEND=${case%%:*} EXIT_MODE=${case##*:} $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/exit_check.py
       done
       ;;

@@ -569,6 +569,19 @@ class DeepEPElasticBackend:
             return False, None, False
         return async_finish, buffer.capture() if allocate_on_comm_stream else None, allocate_on_comm_stream
 
+    def release(self, group=None) -> None:
+        """Drop this backend's buffer for ``group`` (every group when ``None``) and what was validated for it.
+
+        Called on every rank right before ``destroy_process_group(group)`` (``megatron_ep_plugins.teardown``): an
+        ``ElasticBuffer`` runs a GPU barrier with its peers when freed, which faults once the group is gone. The
+        buffer is freed here unless a handle still holds it; the next dispatch on a live group builds a new one."""
+        gone = set(self._groups) if group is None else {group}
+        for g in gone:
+            self._groups.pop(g, None)
+            self._agreed.discard(g)
+            self._pinned_checked.discard(g)
+        self._ready = {key: st for key, st in self._ready.items() if key[0] not in gone}
+
     # -- operations ----------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:

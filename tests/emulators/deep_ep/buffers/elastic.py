@@ -90,7 +90,28 @@ class _ElasticBuffer(V2RuntimeFacts):
                                        sticky=_Sticky())
         set_one_domain(self)
         agree_on_max_tokens(group, num_max_tokens_per_rank, "the real ElasticBuffer hangs here")
+        self.runtime.registered_group = _registered(group)  # built on a real process group, not a test's stand-in
         _CONSTRUCTED["ElasticBuffer"] += 1
+
+    def destroy(self) -> None:
+        # mirrors DeepEP deep_ep/buffers/elastic.py:369 ElasticBuffer.destroy (dd758caf): explicit destruction only
+        assert self.explicitly_destroy
+        if self.runtime is not None:
+            if self.runtime.registered_group:
+                _destroy_barrier(self.group)
+            self.runtime = None  # Cannot use anymore
+
+    def __del__(self):
+        # mirrors DeepEP csrc/elastic/buffer.hpp:142-165 ~ElasticBuffer / destroy() (dd758caf): without
+        # explicitly_destroy the destructor calls destroy(), which runs barrier(true, true), a GPU barrier over the
+        # group's NCCL window. Once the process group is destroyed that barrier faults (cudaErrorIllegalAddress at
+        # buffer.hpp:203), the EPException leaves the destructor and the process aborts: seen on 2 x H200 for a job
+        # that called destroy_process_group() while the buffer was alive (benchmarks/gpu/exit_check.py, elastic
+        # destroy: exit code -6, benchmarks/results/2xH200/logs/steps_lease18.txt).
+        if getattr(self, "explicitly_destroy", True) or getattr(self, "runtime", None) is None:
+            return
+        if getattr(self.runtime, "registered_group", False):
+            _destroy_barrier(self.group)
 
     @staticmethod
     def get_buffer_size_hint(group, num_max_tokens_per_rank: int, hidden: int, num_topk: int = 0,
@@ -241,6 +262,36 @@ class _ElasticBuffer(V2RuntimeFacts):
             for b in (bias if isinstance(bias, tuple) else (bias,)):
                 out += b.float()
         return out.to(x.dtype), out_w, new_event(async_with_compute_stream)
+
+
+def _alive(group) -> Optional[bool]:
+    """Whether ``group`` is a live process group; ``None`` when that cannot be told (interpreter teardown)."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+
+        return bool(dist.is_initialized() and group in c10d._world.pg_map)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _registered(group) -> bool:
+    return bool(_alive(group))
+
+
+def _destroy_barrier(group) -> None:
+    """The destructor's GPU barrier with the peers (buffer.hpp:156): aborts the process, as the real one does, when
+    ``group`` no longer exists (its NCCL window is gone). Interpreter teardown, where ``torch.distributed`` may be
+    half torn down, is left alone (the real one exits cleanly there when the group was never destroyed)."""
+    if _alive(group) is False:
+        import os
+        import sys
+
+        sys.stderr.write("terminate called after throwing an instance of 'EPException'\n  what():  CUDA runtime "
+                         "exception (csrc/elastic/buffer.hpp:203): 700 (cudaErrorIllegalAddress, an illegal memory "
+                         "access was encountered) [emulated: ElasticBuffer freed after destroy_process_group()]\n")
+        sys.stderr.flush()
+        os.abort()
 
 
 ElasticBuffer = _ElasticBuffer
