@@ -90,7 +90,7 @@ class _ElasticBuffer(V2RuntimeFacts):
                                        sticky=_Sticky())
         set_one_domain(self)
         agree_on_max_tokens(group, num_max_tokens_per_rank, "the real ElasticBuffer hangs here")
-        self.runtime.registered_group = _registered(group)  # built on a real process group, not a test's stand-in
+        self.runtime.registered_group = bool(_alive(group))  # built on a real process group, not a test's stand-in
         _CONSTRUCTED["ElasticBuffer"] += 1
 
     def destroy(self) -> None:
@@ -273,10 +273,6 @@ def _alive(group) -> Optional[bool]:
         return bool(dist.is_initialized() and group in c10d._world.pg_map)
     except Exception:  # noqa: BLE001
         return None
-
-
-def _registered(group) -> bool:
-    return bool(_alive(group))
 
 
 def _destroy_barrier(group) -> None:
