@@ -26,6 +26,8 @@ def test_bench_cpu_torch_and_allgather(tmp_path):
     assert report["machine"]["world_size"] == 2 and report["machine"]["device"] == "cpu"
     speeds = report["machine"]["host_python_us_per_rank"]
     assert len(speeds) == 2 and all(v > 0 for v in speeds)  # each rank's host speed, for reading host-bound rows
+    assert all(len(r["host_python_us_per_rank"]) == 2 for r in report["results"])  # and each row's own
+    assert "host us by rank" in (tmp_path / "ep_bench.md").read_text()
     assert report["versions"]["torch"] and report["sizes"]["tokens_per_rank"] == 64
     by = {r["backend"]: r for r in report["results"]}
     assert set(by) == {"torch", "allgather"}
@@ -152,3 +154,21 @@ def test_report_header_flags_a_rank_on_a_slow_cpu():
     even = _header({**base, "machine": {**machine, "host_python_us_per_rank": [0.9, 1.0]}})
     assert "0.9 / 1.0" in even and "slower CPU" not in even
     assert "host speed" not in _header({**base, "machine": machine})  # reports from before the field
+
+
+def test_report_rows_show_their_host_speed_and_flag_slow_ranks_against_the_runs_fastest():
+    """Each row carries its ranks' host speed (sampled around its own timings); a rank is flagged slow against the
+    fastest speed seen anywhere in the run, so a row where every rank was slow is flagged too."""
+    from megatron_ep_plugins.bench.report import _fastest, _row_host
+
+    rows = [{"host_python_us_per_rank": [0.9, 1.0]}, {"host_python_us_per_rank": [1.8, 1.9]},
+            {"host_python_us_per_rank": [0.9, 1.6]}, {}]
+    report = {"machine": {"host_python_us_per_rank": [1.0, 1.0]}, "sweep": [{"results": rows[:2]},
+                                                                          {"results": rows[2:]}]}
+    fastest = _fastest(report)
+    assert fastest == 0.9
+    assert _row_host(rows[0], fastest) == "0.9 / 1.0"
+    assert _row_host(rows[1], fastest) == "1.8 / 1.9 (rank 0, 1 slow)"
+    assert _row_host(rows[2], fastest) == "0.9 / 1.6 (rank 1 slow)"
+    assert _row_host(rows[3], fastest) == "-"
+    assert _fastest({"machine": {}, "results": [{}]}) is None

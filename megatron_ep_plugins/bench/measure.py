@@ -626,11 +626,15 @@ def run_rank(rank, world, args):
         results = []
         for cand in cands:
             progress.start(f"T={tokens} {cand.spec.name}")
+            before = host_python_us()  # this row's host speed, sampled on each side of its timings (off the clock)
             res = bench_backend(cand, made.get(cand.spec.name), ref, blocks, inputs, args, rank, world, group)
             if res["status"] == "ok":
                 bandwidth(res, args, world, group)
             if args.device == "cuda":
                 torch.cuda.synchronize()
+            speeds = [None] * world
+            dist.all_gather_object(speeds, round(max(before, host_python_us()), 2), group=group)
+            res["host_python_us_per_rank"] = speeds  # the slower of the two samples, by rank
             dist.barrier(group=group)
             results.append(res)
             if rank == 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 
 def _f(v, fmt="{:.1f}"):
@@ -31,13 +32,36 @@ def _host_speed(m):
     speeds = m.get("host_python_us_per_rank")
     if not speeds:
         return ""
-    text = ("host speed (us per sum(range(200)), by rank; larger = slower host, host-bound numbers scale with it) "
-            + " / ".join(f"{v:.1f}" for v in speeds) + "; ")
-    if max(speeds) > SLOW_HOST_RATIO * min(speeds):
-        slow = [str(rank) for rank, v in enumerate(speeds) if v > SLOW_HOST_RATIO * min(speeds)]
-        text += (f"**rank(s) {', '.join(slow)} ran on a slower CPU than the others**: host-bound rows (small T, "
-                 "`torch`) of this run are slower than the code is; ")
+    text = ("host speed after the run (us per sum(range(200)), by rank; larger = slower host, host-bound numbers "
+            "scale with it; each row's own is in its last column or notes) " + " / ".join(f"{v:.1f}" for v in speeds)
+            + "; ")
+    slow = _slow_ranks(speeds, min(speeds))
+    if slow:
+        text += (f"**rank(s) {', '.join(map(str, slow))} ran on a slower CPU than the others**: host-bound rows "
+                 "(small T, `torch`) of this run are slower than the code is; ")
     return text
+
+
+def _slow_ranks(speeds, fastest: float) -> list:
+    """Ranks whose host speed (us, larger = slower) is more than SLOW_HOST_RATIO times ``fastest``."""
+    return [rank for rank, v in enumerate(speeds) if v > SLOW_HOST_RATIO * fastest]
+
+
+def _fastest(report) -> Optional[float]:
+    """The fastest host speed seen anywhere in the run (every row's samples and the end-of-run one, all ranks): the
+    machine's speed when nothing slows it, against which a row is flagged even when all its ranks were slow."""
+    rows = [r for run in report.get("sweep", [report]) for r in run["results"]]
+    seen = [v for r in [report["machine"], *rows] for v in (r.get("host_python_us_per_rank") or [])]
+    return min(seen) if seen else None
+
+
+def _row_host(r, fastest: Optional[float]) -> str:
+    """A row's host speed by rank (the slower of the samples before and after its timings), flagged per rank."""
+    speeds = r.get("host_python_us_per_rank")
+    if not speeds:
+        return "-"
+    slow = _slow_ranks(speeds, fastest)
+    return " / ".join(f"{v:.1f}" for v in speeds) + (f" (rank {', '.join(map(str, slow))} slow)" if slow else "")
 
 
 #: A rank whose pure-Python speed is this many times the fastest rank's is flagged (on the 2 x H200 VM about a third
@@ -74,6 +98,7 @@ def markdown(report):
             "megatron combine us", "plugin-megatron us (d / c)", "with autograd: plugin / megatron d+c us",
             "vs torch", "notes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    fastest = _fastest(report)
     for r in report["results"] if "sweep" not in report else []:
         if r["status"] != "ok":
             why = r.get("reason") or r.get("error", "")
@@ -93,6 +118,8 @@ def markdown(report):
             notes += f"; elastic/legacy {r['elastic_over_legacy']:.2f}x"
             if "elastic_over_legacy_direct" in r:
                 notes += f" (direct {r['elastic_over_legacy_direct']:.2f}x)"
+        if r.get("host_python_us_per_rank"):
+            notes += f"; host us by rank {_row_host(r, fastest)}"
         if r.get("megatron_have_deep_ep") is False:
             notes += "; stock Megatron reports HAVE_DEEP_EP=False with this DeepEP (filled in for the measurement)"
         p = r["plugin"]
@@ -115,10 +142,11 @@ def markdown(report):
 def sweep_markdown(report):
     cols = ["backend", "tokens/rank", "conformance", "dispatch us", "combine us", "direct d+c us", "plugin/direct",
             "megatron d+c us", "plugin-megatron us (d / c)", "with autograd: plugin / megatron d+c us",
-            "us per 1k tokens (plugin d+c)"]
+            "us per 1k tokens (plugin d+c)", "host us by rank"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     rows = sorted((r for run in report["sweep"] for r in run["results"]),
                   key=lambda r: (r["backend"], r["tokens_per_rank"]))
+    fastest = _fastest(report)
     for r in rows:
         if r["status"] != "ok":
             why = (r.get("reason") or r.get("error", "")).replace("|", "/")
@@ -134,7 +162,7 @@ def sweep_markdown(report):
         lines.append("| " + " | ".join([
             r["backend"], str(r["tokens_per_rank"]), _conformance(r), _f(_us(r, "plugin", "dispatch")),
             _f(_us(r, "plugin", "combine")), _f(d), _f(r.get("plugin_over_direct"), "{:.3f}"), _f(m), pm,
-            _autograd(r), _f(per_k)]) + " |")
+            _autograd(r), _f(per_k), _row_host(r, fastest)]) + " |")
     return lines
 
 
