@@ -429,6 +429,15 @@ def host_python_us() -> float:
     return min(timeit.repeat("sum(range(200))", number=2000, repeat=5)) / 2000 * 1e6
 
 
+def gather_host_speed(sample: float, world: int, group) -> list:
+    """Every rank's host speed ``sample`` (us, rounded), by rank: one small collective, called off the clock."""
+    import torch.distributed as dist
+
+    speeds = [None] * world
+    dist.all_gather_object(speeds, round(sample, 2), group=group)
+    return speeds
+
+
 def machine(device, world):
     import torch
 
@@ -632,17 +641,15 @@ def run_rank(rank, world, args):
                 bandwidth(res, args, world, group)
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            speeds = [None] * world
-            dist.all_gather_object(speeds, round(max(before, host_python_us()), 2), group=group)
-            res["host_python_us_per_rank"] = speeds  # the slower of the two samples, by rank
+            # the slower of the two samples, by rank
+            res["host_python_us_per_rank"] = gather_host_speed(max(before, host_python_us()), world, group)
             dist.barrier(group=group)
             results.append(res)
             if rank == 0:
                 progress.done(f"T={tokens} {cand.spec.name}: {res['status']}")
         derive(results)
         runs.append({"tokens_per_rank": tokens, "results": results})
-    speeds = [None] * world  # each rank's host speed, after the timings (one small collective, off the clock)
-    dist.all_gather_object(speeds, round(host_python_us(), 2), group=group)
+    speeds = gather_host_speed(host_python_us(), world, group)  # each rank's, after all the timings
     report = {
         "benchmark": "ep_bench",
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -24,49 +24,49 @@ def _header(report):
             f"{s['iters']} iterations after {s['warmup']} warm-up"
             f"{', paths alternating in ' + str(s['rounds']) + ' rounds' if s.get('rounds', 1) > 1 else ''}, slowest "
             "rank per iteration; "
-            f"{_host_speed(m)}"
+            f"{_host_speed(report)}"
             "GB/s = received rows x hidden x element size / time.\n\n")
 
 
-def _host_speed(m):
-    speeds = m.get("host_python_us_per_rank")
+#: A rank whose pure-Python speed is this many times the fastest seen in the run is flagged (on the 2 x H200 VM about
+#: a third of the vCPUs run at half speed at any moment, and which ones changes: ``benchmarks/gpu/host_speed.sh cores``).
+SLOW_HOST_RATIO = 1.3
+
+
+def _host_speed(report):
+    """The header's part: every rank's host speed after the run, flagged like a row's."""
+    speeds = report["machine"].get("host_python_us_per_rank")
     if not speeds:
         return ""
-    text = ("host speed after the run (us per sum(range(200)), by rank; larger = slower host, host-bound numbers "
-            "scale with it; each row's own is in its last column or notes) " + " / ".join(f"{v:.1f}" for v in speeds)
-            + "; ")
-    slow = _slow_ranks(speeds, min(speeds))
-    if slow:
-        text += (f"**rank(s) {', '.join(map(str, slow))} ran on a slower CPU than the others**: host-bound rows "
-                 "(small T, `torch`) of this run are slower than the code is; ")
-    return text
+    slow = _slow(speeds, _fastest(report))
+    flag = (f"**rank(s) {', '.join(slow)} ran on a slower CPU than the others**: host-bound rows (small T, `torch`) "
+            "of this run are slower than the code is; " if slow else "")
+    return ("host speed after the run (us per sum(range(200)), by rank; larger = slower host, host-bound numbers "
+            "scale with it; each row's own is in its last column or notes) "
+            + " / ".join(f"{v:.1f}" for v in speeds) + "; " + flag)
 
 
-def _slow_ranks(speeds, fastest: float) -> list:
-    """Ranks whose host speed (us, larger = slower) is more than SLOW_HOST_RATIO times ``fastest``."""
-    return [rank for rank, v in enumerate(speeds) if v > SLOW_HOST_RATIO * fastest]
+def _slow(speeds, fastest: float) -> list:
+    """The ranks (as text) whose host speed, in us, is more than SLOW_HOST_RATIO times ``fastest``."""
+    return [str(rank) for rank, v in enumerate(speeds) if v > SLOW_HOST_RATIO * fastest]
 
 
 def _fastest(report) -> Optional[float]:
     """The fastest host speed seen anywhere in the run (every row's samples and the end-of-run one, all ranks): the
     machine's speed when nothing slows it, against which a row is flagged even when all its ranks were slow."""
-    rows = [r for run in report.get("sweep", [report]) for r in run["results"]]
+    rows = [r for run in report.get("sweep", [report]) for r in run.get("results", [])]
     seen = [v for r in [report["machine"], *rows] for v in (r.get("host_python_us_per_rank") or [])]
     return min(seen) if seen else None
 
 
 def _row_host(r, fastest: Optional[float]) -> str:
-    """A row's host speed by rank (the slower of the samples before and after its timings), flagged per rank."""
+    """Host speeds by rank (a row's: the slower of the samples around its timings), each rank more than
+    SLOW_HOST_RATIO times ``fastest`` named as slow; "-" when not recorded."""
     speeds = r.get("host_python_us_per_rank")
     if not speeds:
         return "-"
-    slow = _slow_ranks(speeds, fastest)
-    return " / ".join(f"{v:.1f}" for v in speeds) + (f" (rank {', '.join(map(str, slow))} slow)" if slow else "")
-
-
-#: A rank whose pure-Python speed is this many times the fastest rank's is flagged (on the 2 x H200 VM about a third
-#: of the vCPUs run at half speed at any moment, and which ones changes: ``benchmarks/gpu/host_speed.sh cores``).
-SLOW_HOST_RATIO = 1.3
+    slow = _slow(speeds, fastest)
+    return " / ".join(f"{v:.1f}" for v in speeds) + (f" (rank {', '.join(slow)} slow)" if slow else "")
 
 
 def _us(r, path, op):
