@@ -17,7 +17,11 @@ Side by side, in one run, interleaved (each repeat times every case once, round 
 * ``megatron Function bodies``: ``FusedDispatch``/``FusedCombine``'s ``forward``/``backward`` called with a
   plain ctx (no autograd), so each side's autograd wrapper cost is a difference of two rows;
 * ``legacy adapter``: the ``legacy`` adapter's methods called directly (no slot, no autograd);
-* ``nowork backend``: the no-work backend's methods called directly (the floor of a Python call).
+* ``nowork backend``: the no-work backend's methods called directly (the floor of a Python call);
+* ``slot+elastic``, ``elastic adapter``: the same for the ``elastic`` adapter over a no-work fake DeepEP V2
+  ``ElasticBuffer``, and ``bare ElasticBuffer calls``: that fake's ``dispatch(..., do_expand=False)`` and ``combine``
+  called as ``ep_bench``'s direct path calls them, so "elastic adapter - bare ElasticBuffer calls" is the host
+  time the adapter adds to the number ``ep_bench`` divides by (issue 11's plugin/direct at small T).
 
 Columns: median microseconds per call of dispatch forward, combine forward, dispatch forward+backward
 (``torch.autograd.grad`` of recv_x and the probs), combine forward+backward, then dispatch and combine with no
@@ -27,7 +31,7 @@ Megatron's path still applies its Functions). Megatron's flags are used
 A second table times the pieces a call is made of. ``--device cuda`` puts the doubles' tensors on a
 GPU (tensor operations on the path then pay CUDA launch costs; what is timed is still host time).
 
-TEST DOUBLES: ``_FakeBuffer`` & co. (installed as a fake ``deep_ep`` module in ``sys.modules`` for this
+TEST DOUBLES: ``_FakeBuffer``, ``_FakeElasticBuffer`` & co. (installed as a fake ``deep_ep`` module in ``sys.modules`` for this
 process only, and patched into ``fused_a2a`` only while measuring) and ``_NoWorkBackend`` exist only in
 this script; they are never registered as plugins and never selectable.
 
@@ -157,12 +161,42 @@ class _FakeBuffer:
         return POOL.combined, (POOL.combined_probs if topk_weights is not None else None), _AFTER
 
 
+class _FakeEPHandle:
+    """Double of DeepEP V2's ``EPHandle`` (the fields the adapter reads)."""
+
+    def __init__(self) -> None:
+        self.num_recv_tokens_per_expert_list = POOL.counts
+        self.num_experts, self.num_sms = NUM_EXPERTS, 0
+
+
+class _FakeElasticBuffer:
+    """Double of DeepEP V2 ``deep_ep.ElasticBuffer`` (dd758ca ``deep_ep/buffers/elastic.py``): the signatures the
+    adapter checks and calls (``do_handle_copy=True`` is V2's default), returns preallocated tensors."""
+
+    def __init__(self, group, num_bytes=None, num_max_tokens_per_rank=0, hidden=0, num_topk=0,
+                 use_fp8_dispatch=False, deterministic=False, allow_hybrid_mode=True, num_allocated_qps=0) -> None:
+        self.group, self.handle = group, _FakeEPHandle()
+
+    def dispatch(self, x, topk_idx=None, topk_weights=None, num_experts=None, num_sms=0, previous_event=None,
+                 async_with_compute_stream=False, allocate_on_comm_stream=False, handle=None, do_handle_copy=True,
+                 do_expand=False):
+        if handle is not None:  # cached dispatch (combine's backward)
+            return POOL.cached, None, None, handle, _AFTER
+        return POOL.recv_x, POOL.recv_idx, POOL.recv_probs, self.handle, _AFTER
+
+    def combine(self, x, handle, topk_weights=None, num_sms=0, previous_event=None, async_with_compute_stream=False,
+                allocate_on_comm_stream=False):
+        return POOL.combined, (POOL.combined_probs if topk_weights is not None else None), _AFTER
+
+
 def _fake_deep_ep_modules() -> dict[str, types.ModuleType]:
     deep_ep = types.ModuleType("deep_ep")
-    deep_ep.__doc__ = "BENCHMARK DOUBLE of DeepEP V1's Python API (benchmarks/host_overhead.py); does no work."
+    deep_ep.__doc__ = ("BENCHMARK DOUBLE of DeepEP's V1 and V2 Python API (benchmarks/host_overhead.py); does no "
+                       "work.")
     deep_ep.__version__ = "0+host-overhead-double"
     deep_ep.IS_BENCHMARK_DOUBLE = True
     deep_ep.Buffer, deep_ep.EventOverlap, deep_ep.EventHandle = _FakeBuffer, _EventOverlap, _EventHandle
+    deep_ep.ElasticBuffer = _FakeElasticBuffer
     utils = types.ModuleType("deep_ep.utils")
     utils.EventOverlap, utils.EventHandle = _EventOverlap, _EventHandle
     deep_ep.utils = utils
@@ -317,6 +351,41 @@ def backend_cases(backend, group) -> dict[str, Callable[[], Any]]:
             "combine+bwd": combine_fwd_bwd, "dispatch, no grad": dispatch_fwd, "combine, no grad": combine_fwd}
 
 
+def elastic_backend(group):
+    """The real ``elastic`` adapter over the fake ``ElasticBuffer``, warmed up: its once-per-call-key work (the
+    cross-rank agreement collective and the size rules, which a stand-in group cannot run) is skipped once, so
+    the timed calls take the steady-state path a job takes from its second dispatch on."""
+    from megatron_ep_plugins.backends import deepep_elastic
+
+    backend = deepep_elastic.DeepEPElasticBackend()
+    backend._groups[group] = deepep_elastic._GroupState(world=group.size())
+    with mock.patch.multiple(deepep_elastic, agree_on_inputs=lambda _name, _group, num_tokens, *a: num_tokens,
+                             check_v2_rules=lambda *a, **k: None, check_v2_hybrid_rules=lambda *a, **k: None):
+        handle = backend.dispatch(POOL.x, POOL.idx, POOL.probs, NUM_EXPERTS, group, **FLAGS).handle
+        backend.combine(POOL.recv_x, handle, group, **FLAGS)
+        backend.combine(POOL.recv_x, handle, group, topk_weights=POOL.recv_probs, **FLAGS)
+        backend.dispatch_cached(POOL.x, handle, group, **FLAGS)
+    return backend
+
+
+def bare_elastic_cases(backend, group) -> dict[str, Callable[[], Any]]:
+    """The adapter's own fake ``ElasticBuffer`` called as ``ep_bench``'s direct path calls it (``measure.py``
+    ``timing_direct_elastic``): no adapter, no slot."""
+    buf = backend._groups[group].buffer
+    x, idx, probs, recv = POOL.x, POOL.idx, POOL.probs, POOL.recv_x
+    raw = buf.dispatch(x, topk_idx=idx, topk_weights=probs, num_experts=NUM_EXPERTS, num_sms=0, do_expand=False)[3]
+
+    def dispatch_fwd():
+        return buf.dispatch(x, topk_idx=idx, topk_weights=probs, num_experts=NUM_EXPERTS, num_sms=0,
+                            do_expand=False)[3]
+
+    def combine_fwd():
+        return buf.combine(recv, raw, num_sms=0)
+
+    return {"dispatch": dispatch_fwd, "combine": combine_fwd, "dispatch, no grad": dispatch_fwd,
+            "combine, no grad": combine_fwd}
+
+
 def megatron_direct_cases(fused_a2a, group) -> dict[str, Callable[[], Any]]:
     """Megatron's ``FusedDispatch``/``FusedCombine`` bodies called directly (a plain ctx, no autograd)."""
     fd, fc = fused_a2a.FusedDispatch, fused_a2a.FusedCombine
@@ -373,7 +442,8 @@ def measure(cases: dict[str, Callable[[], Any]], number: int, repeats: int, warm
 def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
     """Single pieces a call is made of, each timed alone (notes say where each one lives)."""
     from megatron_ep_plugins.backends import _deepep_common as common
-    from megatron_ep_plugins.backends import deepep_legacy
+    from megatron_ep_plugins.backends import deepep_elastic, deepep_legacy
+    from megatron_ep_plugins.spec import DispatchResult
 
     x, idx, probs = POOL.x, POOL.idx, POOL.probs
     recv_idx, recv_probs = POOL.recv_idx, POOL.recv_probs
@@ -453,6 +523,12 @@ def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, 
         "legacy: `check_combine_args` with weights (= prob mask)":
             lambda: common.check_combine_args("legacy", POOL.recv_x, RECV, recv_idx, recv_probs),
         "legacy: `LegacyHandle(...)`": legacy_handle,
+        "elastic: `dispatch_key(...)` + dict lookup": lambda: {}.get(common.dispatch_key(x, idx, probs, NUM_EXPERTS,
+                                                                                          group)),
+        "elastic: `combine_key(x)` + set membership": lambda: (0, common.combine_key(x), HIDDEN) in seen,
+        "elastic: `ElasticHandle(...)`": lambda: deepep_elastic.ElasticHandle(None, None, recv_idx, TOKENS, RECV, HIDDEN),
+        "`DispatchResult(...)` (the 5-tuple every adapter returns)":
+            lambda: DispatchResult(x, recv_idx, recv_probs, None, None),
     }
     notes = {
         "same call inside try/except (no exception)": "autograd.py: fault propagation around every slot call",
@@ -471,6 +547,10 @@ def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, 
         "`probs.float()` (already fp32)": "both paths: dispatch backward",
         "EventOverlap(EventHandle()) (no-work doubles)": "both paths with async_finish (real: a CUDA event)",
         "legacy: `check_dispatch_args`": "adapter at 459f634: per dispatch; since 944ebe1 once per call key",
+        "elastic: `dispatch_key(...)` + dict lookup": "elastic / legacy adapters: per dispatch (validated-key cache)",
+        "elastic: `combine_key(x)` + set membership": "elastic / legacy adapters: per combine",
+        "elastic: `ElasticHandle(...)`": "elastic adapter: per dispatch",
+        "`DispatchResult(...)` (the 5-tuple every adapter returns)": "every adapter: per dispatch",
     }
     return cases, notes
 
@@ -511,6 +591,8 @@ COLUMNS = ("dispatch", "combine", "dispatch+bwd", "combine+bwd", "dispatch, no g
 MEGATRON, MEGATRON_BODY = "megatron fused_a2a (fake Buffer)", "megatron Function bodies alone (no autograd)"
 SLOT_NOWORK, SLOT_LEGACY = "slot+nowork (generic slot alone)", "slot+legacy (fake Buffer)"
 LEGACY, NOWORK = "legacy adapter alone (no slot, no autograd)", "nowork backend alone"
+SLOT_ELASTIC, ELASTIC = "slot+elastic (fake ElasticBuffer)", "elastic adapter alone (no slot, no autograd)"
+BARE_ELASTIC = "bare ElasticBuffer calls (ep_bench's direct path)"
 #: label -> (minuend, subtrahend) rows of the difference table
 DIFFERENCES = {
     "plugin total: slot+legacy - megatron": (SLOT_LEGACY, MEGATRON),
@@ -518,6 +600,8 @@ DIFFERENCES = {
     "wrapper cost, plugin: slot+nowork - nowork backend": (SLOT_NOWORK, NOWORK),
     "wrapper cost, plugin: slot+legacy - legacy adapter": (SLOT_LEGACY, LEGACY),
     "adapter vs Megatron body: legacy adapter - Megatron bodies": (LEGACY, MEGATRON_BODY),
+    "elastic adapter - bare ElasticBuffer calls (what ep_bench's plugin/direct sees)": (ELASTIC, BARE_ELASTIC),
+    "slot+elastic - bare ElasticBuffer calls": (SLOT_ELASTIC, BARE_ELASTIC),
 }
 
 
@@ -542,8 +626,9 @@ def render(paths: dict[str, dict], pieces: dict[str, dict], notes: dict[str, str
               "grad | combine, no grad |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, (a, b) in DIFFERENCES.items():
         if a in paths and b in paths:
-            diffs = [paths[a][c]["median_ns"] - paths[b][c]["median_ns"] for c in COLUMNS]
-            lines.append(f"| {label} | " + " | ".join(f"{d / 1000:+.2f}" for d in diffs) + " |")
+            diffs = [paths[a][c]["median_ns"] - paths[b][c]["median_ns"] if c in paths[a] and c in paths[b] else None
+                     for c in COLUMNS]
+            lines.append(f"| {label} | " + " | ".join("-" if d is None else f"{d / 1000:+.2f}" for d in diffs) + " |")
     lines += ["", "| piece | us per call | where |", "| --- | ---: | --- |"]
     for name, res in pieces.items():
         lines.append(f"| {name} | {fmt_us(res['median_ns'])} | {notes.get(name, '')} |")
@@ -575,9 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_ep_plugins.backends.deepep_legacy import DeepEPLegacyBackend
 
         group = _FakeGroup(2)
-        nowork, legacy = _NoWorkBackend(), DeepEPLegacyBackend()
+        nowork, legacy, elastic = _NoWorkBackend(), DeepEPLegacyBackend(), elastic_backend(group)
         legacy.set_num_sms(20)
-        slot_nowork, slot_legacy = make_slot(nowork), make_slot(legacy)
+        slot_nowork, slot_legacy, slot_elastic = make_slot(nowork), make_slot(legacy), make_slot(elastic)
         sets = {
             MEGATRON: path_cases(fused_a2a.fused_dispatch, fused_a2a.fused_combine, group),
             SLOT_NOWORK: path_cases(slot_nowork.fused_dispatch, slot_nowork.fused_combine,
@@ -586,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
             MEGATRON_BODY: megatron_direct_cases(fused_a2a, group),
             LEGACY: backend_cases(legacy, group),
             NOWORK: backend_cases(nowork, group),
+            SLOT_ELASTIC: path_cases(slot_elastic.fused_dispatch, slot_elastic.fused_combine, group),
+            ELASTIC: backend_cases(elastic, group),
+            BARE_ELASTIC: bare_elastic_cases(elastic, group),
         }
         flat = {(p, c): fn for p, cases in sets.items() for c, fn in cases.items()}
         timed = measure({f"{p}|{c}": fn for (p, c), fn in flat.items()}, number, repeats, warmup)
@@ -599,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                 notes[name] = f"not timed: {type(exc).__name__}: {exc}"[:120]
         pieces = measure(cases, number, repeats, warmup)
         pieces.update({name: {"median_ns": None, "min_ns": None} for name in notes if name not in pieces
-                       and name.startswith("legacy")})
+                       and name.startswith(("legacy", "elastic"))})
     elapsed = time.perf_counter() - started
 
     meta = {"machine": machine(), "versions": versions(), "number": number, "repeats": repeats, "warmup": warmup,

@@ -140,6 +140,28 @@ def test_combine_sum_ab_script_runs_on_cpu_through_tritons_interpreter(tmp_path)
     assert "| 20 |" in proc.stdout
 
 
+def test_torch_meta_ab_script_runs_on_two_gloo_ranks(tmp_path):
+    """``benchmarks/gpu/torch_meta_ab.py`` (the ``torch`` backend with its metadata in the header vs in its own
+    collective, a GPU diagnostic) on two gloo ranks: both paths give the same bits, the table and the JSON come out,
+    the metadata capacity is set, and each row records both ranks' host speed before and after."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, AB_DEVICE="cpu", AB_TOKENS="16,40", AB_H="32", AB_E="8", AB_K="4", AB_ROUNDS="2",
+               AB_ITERS="2", AB_OUT=str(tmp_path / "ab.json"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           str(root / "benchmarks" / "gpu" / "torch_meta_ab.py")],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "ab.json").read_text())["rows"]
+    assert [r["tokens_per_rank"] for r in rows] == [16, 40]
+    for row in rows:
+        assert row["identical_outputs"] and row["meta_capacity"] == 64
+        assert row["header_us"]["dispatch"] > 0 and row["raw_over_header"] > 0
+        assert len(row["host_python_us_per_rank"]) == 2 and all(len(s) == 2 for s in row["host_python_us_per_rank"])
+    assert "| 40 |" in (tmp_path / "ab.md").read_text()
+
+
 def test_report_header_flags_a_rank_on_a_slow_cpu():
     """Host-bound numbers of a run where one rank's vCPU ran at half speed (seen on the 2 x H200 VM) are marked as
     such in the report, naming the rank; similar speeds are not."""

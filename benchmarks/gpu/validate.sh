@@ -49,6 +49,11 @@
 #     lease17    small_t three times, each report with its ranks' host speed (main tree only; hybridep not built)
 #     lease18    exit_check.py: legacy and elastic, the job ending with destroy_process_group() while the plugin holds
 #                its buffers, with the process group alive, and after releasing them first (main tree only)
+#     lease19a   the destroy_process_group hook on the GPU (exit_check.py install mode, legacy and elastic; destroy
+#                without it as the control), the torch GPU tests and torch_meta_ab.py (metadata in the header vs its own
+#                collective, one process), host_overhead.py on this host (CPU and CUDA tensors)
+#     lease19b   the torch token sweep and bf16 T=4096 torch+legacy+elastic with the metadata in the header; small T
+#                in rounds twice (issue 11, each report with its ranks' host speed)
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -353,6 +358,26 @@ for stage in "$@"; do
       tree "$DEEPEP_DIR"; machine_info
       for case in elastic:install elastic:destroy elastic:release elastic:plain legacy:destroy legacy:plain legacy:release; do
         step exit_${case%%:*}_${case##*:} 60 env EXIT_BACKEND=${case%%:*} EXIT_MODE=${case##*:} $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/exit_check.py
+      done
+      ;;
+    lease19a)  # the teardown hook on the GPU; torch's metadata in the header; the host cost per call on this VM
+      for i in $(seq 120); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
+      tree "$DEEPEP_DIR"; machine_info
+      for case in elastic:install legacy:install elastic:destroy; do
+        step exit_${case%%:*}_${case##*:} 60 env EXIT_BACKEND=${case%%:*} EXIT_MODE=${case##*:} $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/exit_check.py
+      done
+      step gpu_tests_torch 90 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "torch or one_host_sync or pair_sum" --junitxml "$RES/gpu_tests_torch.xml"
+      step torch_meta_ab 150 env AB_OUT="$RES/torch_meta_ab.json" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/torch_meta_ab.py
+      # the no-work doubles replace deep_ep in this process: the real one is kept off the path
+      step host_overhead_cpu 60 env PYTHONPATH=$BASE_PYTHONPATH $PY benchmarks/host_overhead.py --quick --out "$RES/host_overhead_cpu"
+      step host_overhead_cuda 60 env PYTHONPATH=$BASE_PYTHONPATH $PY benchmarks/host_overhead.py --quick --device cuda --out "$RES/host_overhead_cuda"
+      ;;
+    lease19b)  # torch with the metadata in the header across T and beside DeepEP; issue 11's small T, twice
+      tree "$DEEPEP_DIR"; machine_info
+      step bench_torch_sweep 150 bench --backends torch --tokens 128,256,512,1024,2048,4096,8192,16384 --iters 20 --warmup 3 --name torch_sweep
+      step bench_bf16_T4096 120 bench --backends torch,legacy,elastic --iters 30 --name bf16_T4096
+      for run in a b; do
+        step bench_small_T_$run 80 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 60 --rounds 6 --warmup 5 --name small_T_rounds_$run
       done
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)
