@@ -523,9 +523,10 @@ def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, 
         "legacy: `check_combine_args` with weights (= prob mask)":
             lambda: common.check_combine_args("legacy", POOL.recv_x, RECV, recv_idx, recv_probs),
         "legacy: `LegacyHandle(...)`": legacy_handle,
-        "elastic: `dispatch_key(...)` + dict lookup": lambda: {}.get(common.dispatch_key(x, idx, probs, NUM_EXPERTS,
-                                                                                          group)),
-        "elastic: `combine_key(x)` + set membership": lambda: (0, common.combine_key(x), HIDDEN) in seen,
+        "`dispatch_key(...)` + dict lookup (shapes without the token count)":
+            lambda: {}.get(common.dispatch_key(x, idx, probs, NUM_EXPERTS, group)),
+        "`call_key(...)` + dict lookup (full shapes)": lambda: {}.get(common.call_key(x, idx, probs, NUM_EXPERTS, group)),
+        "`combine_key(x)` + set membership": lambda: (0, common.combine_key(x), HIDDEN) in seen,
         "elastic: `ElasticHandle(...)`": lambda: deepep_elastic.ElasticHandle(None, None, recv_idx, TOKENS, RECV, HIDDEN),
         "`DispatchResult(...)` (the 5-tuple every adapter returns)":
             lambda: DispatchResult(x, recv_idx, recv_probs, None, None),
@@ -547,8 +548,10 @@ def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, 
         "`probs.float()` (already fp32)": "both paths: dispatch backward",
         "EventOverlap(EventHandle()) (no-work doubles)": "both paths with async_finish (real: a CUDA event)",
         "legacy: `check_dispatch_args`": "adapter at 459f634: per dispatch; since 944ebe1 once per call key",
-        "elastic: `dispatch_key(...)` + dict lookup": "elastic / legacy adapters: per dispatch (validated-key cache)",
-        "elastic: `combine_key(x)` + set membership": "elastic / legacy adapters: per combine",
+        "`dispatch_key(...)` + dict lookup (shapes without the token count)":
+            "hybridep: per dispatch; legacy / elastic before call_key",
+        "`call_key(...)` + dict lookup (full shapes)": "legacy / elastic: per dispatch (validated-key cache)",
+        "`combine_key(x)` + set membership": "legacy / elastic: per combine and cached dispatch",
         "elastic: `ElasticHandle(...)`": "elastic adapter: per dispatch",
         "`DispatchResult(...)` (the 5-tuple every adapter returns)": "every adapter: per dispatch",
     }

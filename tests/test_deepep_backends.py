@@ -578,6 +578,37 @@ def test_elastic_steady_state_adds_no_collective_and_overflow_says_what_to_pin(d
         assert "MCORE_EP_ELASTIC_CHECK_EACH_DISPATCH=1" in msg
 
 
+def _call_keys_bounded(rank, world, backend_name, limit):
+    """Token counts that change every call (as in decoding), different on each rank: each new count is validated on
+    its rank alone (no collective after the group's first dispatch), and the validated keys stay under the limit."""
+    import torch.distributed as dist
+
+    from megatron_ep_plugins.backends import deepep_elastic, deepep_legacy
+
+    deepep_elastic.MAX_CALL_KEYS = deepep_legacy.MAX_CALL_KEYS = limit
+    backend = make_backend(backend_name)
+    group = dist.group.WORLD
+    calls, original = [], dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    sizes = []
+    try:
+        for tokens in (9 + rank, 20, 31 + 2 * rank, 42, 53 + rank, 64, 9 + rank):
+            rows = _round_trip(backend, group, tokens, HIDDEN).recv_x.shape[0]
+            sizes.append((len(backend._ready), rows > 0))
+    finally:
+        dist.all_reduce = original
+    return len(calls), sizes
+
+
+@pytest.mark.parametrize("backend_name", ["legacy", "elastic"])
+def test_validated_call_keys_are_bounded_and_new_token_counts_need_no_collective(deepep_emulator, backend_name):
+    deepep_emulator("v2")
+    for collectives, sizes in run_ranks(_call_keys_bounded, 2, backend_name, 3):
+        assert collectives <= 1  # elastic: the group's one agreement at its first dispatch; legacy: none
+        assert all(n <= 3 for n, _ in sizes) and max(n for n, _ in sizes) == 3, sizes
+        assert all(moved for _, moved in sizes)
+
+
 def _hybridep_steady_state(rank, world, check_each):
     import torch.distributed as dist
 

@@ -114,7 +114,7 @@ from . import _deepep_common
 from ._deepep_common import (DEEP_EP_V25_MODULE, agree_on_inputs, check_combine_args, check_dispatch_args, check_gpu,
                              check_handle, check_token_rows, check_torch_deterministic, combine_key, counts_tensor,
                              decode_nccl_version, deep_ep_api, deep_ep_classes, deep_ep_version, device_sm_count,
-                             dispatch_key, module_installed, owned_weights, ProbeFacts, rule_error)
+                             call_key, MAX_CALL_KEYS, module_installed, owned_weights, ProbeFacts, rule_error)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -544,6 +544,8 @@ class DeepEPElasticBackend:
         check_v2_hybrid_rules(st.buffer, st.world, num_experts, self.num_sms, library=self._library)
         if agree:  # only once the group has a buffer sized from an agreed T (never from one rank's own T)
             self._agreed.add(group)
+        if len(self._ready) >= MAX_CALL_KEYS:
+            self._ready.clear()
         try:
             self._ready[key] = st
         except TypeError:
@@ -585,7 +587,7 @@ class DeepEPElasticBackend:
     # -- operations ----------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
-        key = dispatch_key(x, topk_idx, topk_weights, num_experts, group)
+        key = call_key(x, topk_idx, topk_weights, num_experts, group)
         st = self._lookup(key)
         if st is None or self._check_each:
             st = self._prepare_dispatch(key, x, topk_idx, topk_weights, num_experts, group)

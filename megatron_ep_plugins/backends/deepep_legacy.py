@@ -74,8 +74,8 @@ from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult, EnvVar, Integer
 from ._deepep_common import (check_combine_args, check_dispatch_args, check_handle, check_token_rows,
                              check_torch_deterministic, combine_key, counts_tensor, deep_ep_api, deep_ep_version,
-                             dispatch_key, import_event_classes, owned_weights, probe_deep_ep, rule_error,
-                             v25_module_note)
+                             call_key, import_event_classes, MAX_CALL_KEYS, owned_weights, probe_deep_ep,
+                             rule_error, v25_module_note)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -289,6 +289,8 @@ class DeepEPLegacyBackend:
         return buf
 
     def _remember(self, key, buffer) -> None:
+        if len(self._ready) >= MAX_CALL_KEYS:
+            self._ready.clear()
         try:
             self._ready[key] = buffer
         except TypeError:
@@ -326,7 +328,7 @@ class DeepEPLegacyBackend:
     # -- operations ----------------------------------------------------------------------------
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
-        key = dispatch_key(x, topk_idx, topk_weights, num_experts, group)
+        key = call_key(x, topk_idx, topk_weights, num_experts, group)
         buffer = self._lookup(key)
         if buffer is None:
             buffer = self._prepare_dispatch(key, x, topk_idx, topk_weights, num_experts, group)
