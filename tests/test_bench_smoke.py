@@ -140,26 +140,27 @@ def test_combine_sum_ab_script_runs_on_cpu_through_tritons_interpreter(tmp_path)
     assert "| 20 |" in proc.stdout
 
 
-def test_torch_meta_ab_script_runs_on_two_gloo_ranks(tmp_path):
-    """``benchmarks/gpu/torch_meta_ab.py`` (the ``torch`` backend with its metadata in the header vs in its own
-    collective, a GPU diagnostic) on two gloo ranks: both paths give the same bits, the table and the JSON come out,
-    the metadata capacity is set, and each row records both ranks' host speed before and after."""
+def test_small_t_gap_script_runs_on_the_cpu_emulator(tmp_path):
+    """``benchmarks/gpu/small_t_gap.py`` (issue 11's decomposition of the plugin/direct gap, a GPU diagnostic) on 2
+    gloo ranks over the CPU DeepEP emulator: every step from the bare calls to the slot runs for legacy and elastic,
+    the JSON and the tables come out, and each backend records both ranks' host speed before and after."""
     import os
 
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, AB_DEVICE="cpu", AB_TOKENS="16,40", AB_H="32", AB_E="8", AB_K="4", AB_ROUNDS="2",
-               AB_ITERS="2", AB_OUT=str(tmp_path / "ab.json"))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           str(root / "benchmarks" / "gpu" / "torch_meta_ab.py")],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=root)
+    env = dict(os.environ, GAP_DEVICE="cpu", GAP_H="256", GAP_T="32", GAP_ROUNDS="2", GAP_ITERS="2",
+               GAP_OUT=str(tmp_path / "gap.json"), DEEP_EP_EMULATOR_API="v2",
+               PYTHONPATH=os.pathsep.join([str(root / "tests" / "emulators"), str(root)]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(root / "benchmarks" / "gpu" / "small_t_gap.py")], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads((tmp_path / "ab.json").read_text())["rows"]
-    assert [r["tokens_per_rank"] for r in rows] == [16, 40]
-    for row in rows:
-        assert row["identical_outputs"] and row["meta_capacity"] == 64
-        assert row["header_us"]["dispatch"] > 0 and row["raw_over_header"] > 0
-        assert len(row["host_python_us_per_rank"]) == 2 and all(len(s) == 2 for s in row["host_python_us_per_rank"])
-    assert "| 40 |" in (tmp_path / "ab.md").read_text()
+    record = json.loads((tmp_path / "gap.json").read_text())
+    assert set(record["backends"]) == {"legacy", "elastic"}
+    for res in record["backends"].values():
+        assert list(res["median_us"]) == ["bare", "+kwargs", "+outputs", "adapter", "slot"]
+        assert all(d > 0 and c > 0 for d, c in res["median_us"].values())
+        assert [len(s) for s in res["host_python_us_per_rank"]] == [2, 2]
+    assert "| +outputs |" in proc.stdout
 
 
 def test_report_header_flags_a_rank_on_a_slow_cpu():

@@ -64,20 +64,7 @@ def random_case(case: int, rank: int, world: int):
     return x, idx, w, num_experts
 
 
-GROWTH_TOKENS = (8, 150, 300, 40)  # header metadata capacity: none -> 64 -> 256 -> 512, then it fits
-
-
-def growth_case(case: int, rank: int, world: int):
-    """Token counts that outgrow the header's metadata slots twice, uneven across ranks (rank r has r fewer); one
-    expert per rank and top-k = group size, so every token goes to every rank (rank 0 sends T rows to each)."""
-    gen = torch.Generator().manual_seed(zlib.crc32(f"growth/{case}/{rank}/{world}".encode()))
-    tokens, hidden, topk, num_experts = max(GROWTH_TOKENS[case] - rank, 0), 8, world, world
-    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
-    idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices
-    return x, idx, torch.rand(tokens, topk, generator=gen), num_experts
-
-
-INPUTS = {"scenario": make_inputs, "random": random_case, "growth": growth_case}
+INPUTS = {"scenario": make_inputs, "random": random_case}
 
 
 def _expert(recv_x):
@@ -89,33 +76,18 @@ def _cpu(obj):
     return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in obj.items()}
 
 
-def _rank_dispatch_combine(rank, world, names, device="cpu", gather_before_sync=None, inputs="scenario", options=None):
+def _rank_dispatch_combine(rank, world, names, device="cpu", gather_before_sync=None, inputs="scenario"):
     import torch.distributed as dist
 
     from megatron_ep_plugins.backends.torch_a2a import TorchA2ABackend
 
     backend = TorchA2ABackend()
     backend.gather_before_sync = gather_before_sync  # None: the device's default (before the sync on CUDA only)
-    for attr, value in (options or {}).items():  # e.g. meta_in_header=False, meta_cat_limit=0
-        setattr(backend, attr, value)
-    calls, a2a = [], dist.all_to_all_single
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return a2a(*args, **kwargs)
-
     out = {}
     for name in names:
         x, idx, w, num_experts = (t.to(device) if isinstance(t, torch.Tensor) else t
                                   for t in INPUTS[inputs](name, rank, world))
-        before = len(calls)
-        dist.all_to_all_single = counted
-        try:
-            res = backend.dispatch(x, idx, w, num_experts, dist.group.WORLD, async_finish=True,
-                                   allocate_on_comm_stream=True)
-        finally:
-            dist.all_to_all_single = a2a
-        dispatch_collectives = len(calls) - before
+        res = backend.dispatch(x, idx, w, num_experts, dist.group.WORLD, async_finish=True, allocate_on_comm_stream=True)
         y = _expert(res.recv_x)
         combined, none = backend.combine(y, res.handle, dist.group.WORLD)
         grad_w_in = torch.arange(res.recv_topk_weights.numel(), dtype=torch.float32,
@@ -125,8 +97,6 @@ def _rank_dispatch_combine(rank, world, names, device="cpu", gather_before_sync=
         out[name] = _cpu(dict(recv_x=res.recv_x, recv_idx=res.recv_topk_idx, recv_w=res.recv_topk_weights,
                               tpe=res.tokens_per_expert, tpe_device=str(res.tokens_per_expert.device),
                               combined=combined, none=none, back_w=back_w, grad_w_in=grad_w_in, cached=cached))
-        out[name]["collectives"] = dispatch_collectives
-        out[name]["meta_cap"] = backend._meta_cap.get(dist.group.WORLD, 0)
     return out
 
 
@@ -141,35 +111,11 @@ def test_dispatch_combine_match_oracle(world, gather_before_sync):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_random_routings_match_oracle(world):
     """Property-style: many random routings (uneven and zero T, masks, repeats, bf16/fp16/fp32, K above and
-    below the group size), every output exact against the oracle: both gather placements, the metadata in its
-    own collective, and the received metadata cut out of the header by a device gather instead of a cat."""
+    below the group size), every output exact against the oracle, both gather placements."""
     cases = list(range(24))
-    for gather_before_sync, options in ((False, None), (True, None), (False, {"meta_in_header": False}),
-                                        (True, {"meta_cat_limit": 0})):
-        results = run_ranks(_rank_dispatch_combine, world, cases, "cpu", gather_before_sync, "random", options)
+    for gather_before_sync in (False, True):
+        results = run_ranks(_rank_dispatch_combine, world, cases, "cpu", gather_before_sync, "random")
         check_against_oracle(results, world, cases, "random")
-        # a dispatch that moves no row anywhere needs no metadata exchange, whatever the mode
-        moved = [any(r[c]["recv_x"].shape[0] for r in results) for c in cases]
-        separate = bool(options and not options.get("meta_in_header", True))
-        first = moved.index(True) if any(moved) else -1  # the capacity is set by the first dispatch that moves rows
-        want = [2 + (m and (i == first or separate)) for i, m in enumerate(moved)]
-        for by_case in results:
-            assert [by_case[c]["collectives"] for c in cases] == want, options
-
-
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("cat_limit", [8, 0])
-def test_metadata_capacity_grows_together_on_every_rank(world, cat_limit):
-    """A group's first dispatch, and each dispatch with more rows for one destination than the header's metadata
-    slots, exchanges the metadata with a collective of its own and grows the slots (to the same size on every
-    rank: each sees every sender's largest row count); a dispatch that fits sends it inside the header. Every
-    output stays exact against the oracle, with ranks' token counts uneven."""
-    cases = list(range(len(GROWTH_TOKENS)))
-    results = run_ranks(_rank_dispatch_combine, world, cases, "cpu", None, "growth", {"meta_cat_limit": cat_limit})
-    check_against_oracle(results, world, cases, "growth")
-    for by_case in results:
-        assert [by_case[c]["collectives"] for c in cases] == [3, 3, 3, 2]
-        assert [by_case[c]["meta_cap"] for c in cases] == [64, 256, 512, 512]
 
 
 def check_against_oracle(results, world, names=None, inputs="scenario"):
@@ -347,7 +293,7 @@ def _rank_op_audit(rank, world, hidden, topk, per_rank):
     for label in ("warm-up", "measured"):
         with Record() as rec:
             res = backend.dispatch(x, idx, w, num_experts, group)
-        calls["dispatch" if label == "measured" else "first dispatch"] = rec.ops
+        calls["dispatch"] = rec.ops
         y = res.recv_x * 2
         with Record() as rec:
             backend.combine(y, res.handle, group)
@@ -364,10 +310,9 @@ def _rank_op_audit(rank, world, hidden, topk, per_rank):
 @pytest.mark.parametrize("topk,per_rank", [(4, 4), (2, 1)])  # group size 4 <= K and 4 > K
 def test_hot_path_has_no_hidden_sync_and_fixed_collectives(topk, per_rank):
     """The ops each call runs, as the dispatcher sees them (the same ops run on CUDA): no op that syncs the host
-    on CUDA; per dispatch 2 collectives (header with the rows' metadata, then rows; the host reads the header
-    once, outside aten), 3 at a group's first dispatch (the metadata on its own, which sizes the header's
-    metadata slots), per combine 1 (2 with weights), per cached dispatch 1; and combine makes no fp32 copy of the
-    received block nor an fp32 [T, H] buffer for a bf16 input."""
+    on CUDA; per dispatch 3 collectives (header, rows, metadata; the host reads the header once, outside aten),
+    per combine 1 (2 with weights), per cached dispatch 1; and combine makes no fp32 copy of the received block
+    nor an fp32 [T, H] buffer for a bf16 input."""
     hidden = 32
     for calls, num_sent in run_ranks(_rank_op_audit, 4, hidden, topk, per_rank):
         for call, ops in calls.items():
@@ -377,8 +322,7 @@ def test_hot_path_has_no_hidden_sync_and_fixed_collectives(topk, per_rank):
             bool_indexing = [name for name, has_bool, _ in ops
                              if has_bool and name.startswith(("aten.index.", "aten.index_put"))]
             assert not bool_indexing, (call, bool_indexing)  # boolean-mask indexing = nonzero = a sync
-            want = {"first dispatch": 3, "dispatch": 2, "combine": 1, "combine with weights": 2,
-                    "cached dispatch": 1}[call]
+            want = {"dispatch": 3, "combine": 1, "combine with weights": 2, "cached dispatch": 1}[call]
             assert sum(name.startswith("c10d.alltoall_base_") for name in names) == want, (call, names)
         for call in ("combine", "combine with weights"):
             big_fp32 = [(name, outs) for name, _, outs in calls[call]
@@ -427,13 +371,12 @@ def test_graph_outputs_unpack_to_the_routing_they_packed():
 
     backend = torch_a2a.TorchA2ABackend()
     gen = torch.Generator().manual_seed(7)
-    for world, topk, tokens, cap in ((2, 4, 9, 0), (4, 2, 5, 0), (3, 1, 1, 0), (2, 4, 9, 64), (3, 2, 70, 64)):
-        # R <= K, R > K (distinct bags), one token; with the metadata in the header, also past its capacity
+    for world, topk, tokens in ((2, 4, 9), (4, 2, 5), (3, 1, 1)):  # R <= K, R > K (distinct bags), one token
         num_experts = 2 * world
         idx = torch.randint(-1, num_experts, (tokens, topk), generator=gen)
         w = torch.rand(tokens, topk, generator=gen)
         c = backend._constants(torch.device("cpu"), world, num_experts, 8, topk, torch.bfloat16)
-        r = torch_a2a._route(c, idx, w, tokens, min(world, topk) * tokens, cap)
+        r = torch_a2a._route(c, idx, w, tokens, min(world, topk) * tokens)
         flat, layout = torch_a2a._pack(r)
 
         class Replayed:  # the graph's replay has already written ``flat``
@@ -473,8 +416,8 @@ def _rank_gpu_sync_count(rank, world):
     x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
     idx = torch.rand(tokens, num_experts, generator=gen).topk(topk, dim=1).indices.cuda()
     w = torch.rand(tokens, topk, generator=gen).cuda()
-    for _ in range(3):  # warm-up: constants, allocator, NCCL, the header's metadata slots (set by the 1st) and the
-        backend.dispatch(x, idx, w, num_experts, group)  # routing's CUDA graph for them (captured at the 3rd)
+    for _ in range(2):  # warm-up: constants, allocator, NCCL, and the routing's CUDA graph (captured at the 2nd)
+        backend.dispatch(x, idx, w, num_experts, group)
     torch.cuda.synchronize()
     counts = {}
     torch.cuda.set_sync_debug_mode("error")  # any implicit sync (.item(), nonzero, blocking copy) raises
@@ -584,9 +527,8 @@ def test_profile_script_smoke(tmp_path):
             assert set(res["end_to_end_us"]) == {"dispatch", "combine", "combine with weights", "cached dispatch"}
             assert all(v > 0 for v in res["end_to_end_us"].values())
             pieces = res["pieces_us"]
-            for name in ("header exchange", "row collective", "row gather (packing)"):
+            for name in ("header exchange", "row collective", "metadata collective", "row gather (packing)"):
                 assert pieces["dispatch"][name] > 0, (label, name, pieces)
-            assert pieces["dispatch"]["metadata collective"] == 0  # warm: the metadata came with the header
             assert pieces["combine"]["row collective"] > 0 and pieces["combine"]["sum + cast"] > 0
             assert res["ops"]["dispatch"]["header exchange"] == {"all_to_all_single": {"calls": 1}}
     text = out.with_suffix(".md").read_text()

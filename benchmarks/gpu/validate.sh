@@ -50,10 +50,13 @@
 #     lease18    exit_check.py: legacy and elastic, the job ending with destroy_process_group() while the plugin holds
 #                its buffers, with the process group alive, and after releasing them first (main tree only)
 #     lease19a   the destroy_process_group hook on the GPU (exit_check.py install mode, legacy and elastic; destroy
-#                without it as the control), the torch GPU tests and torch_meta_ab.py (metadata in the header vs its own
-#                collective, one process), host_overhead.py on this host (CPU and CUDA tensors)
-#     lease19b   the torch token sweep and bf16 T=4096 torch+legacy+elastic with the metadata in the header; small T
-#                in rounds twice (issue 11, each report with its ranks' host speed)
+#                without it as the control), the torch GPU tests, host_overhead.py on this host (CPU and CUDA
+#                tensors); at 19a8d88 also torch_meta_ab.py (the torch backend's metadata inside the header exchange
+#                against its own collective: slower, so the variant and the script were removed)
+#     lease19b   the torch token sweep and bf16 T=4096 torch+legacy+elastic (at 19a8d88 the torch rows ran the
+#                metadata-in-header variant); small T in rounds twice (issue 11, each report with its ranks' host speed)
+#     gap        small_t_gap.py: issue 11's plugin/direct gap at 256 tokens built up piece by piece, legacy and
+#                elastic each in its own process
 #     torch_only the torch backend with torch's own NCCL, no DeepEP: GPU tests, T=4096, T=8192, token sweep, time per
 #                piece (against the .sum(1) combine), trace at T=4096
 #     lease5     nccl.ep only (wheels installed, no DeepEP build started): ncclep agreeing once, T=256 and 4096;
@@ -367,7 +370,6 @@ for stage in "$@"; do
         step exit_${case%%:*}_${case##*:} 60 env EXIT_BACKEND=${case%%:*} EXIT_MODE=${case##*:} $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/exit_check.py
       done
       step gpu_tests_torch 90 $PY -m pytest -v -rA tests/test_gpu.py tests/test_torch_backend.py::test_gpu_one_host_sync_per_dispatch_none_per_combine -k "torch or one_host_sync or pair_sum" --junitxml "$RES/gpu_tests_torch.xml"
-      step torch_meta_ab 150 env AB_OUT="$RES/torch_meta_ab.json" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/torch_meta_ab.py
       # the no-work doubles replace deep_ep in this process: the real one is kept off the path
       step host_overhead_cpu 60 env PYTHONPATH=$BASE_PYTHONPATH $PY benchmarks/host_overhead.py --quick --out "$RES/host_overhead_cpu"
       step host_overhead_cuda 60 env PYTHONPATH=$BASE_PYTHONPATH $PY benchmarks/host_overhead.py --quick --device cuda --out "$RES/host_overhead_cuda"
@@ -378,6 +380,12 @@ for stage in "$@"; do
       step bench_bf16_T4096 120 bench --backends torch,legacy,elastic --iters 30 --name bf16_T4096
       for run in a b; do
         step bench_small_T_$run 80 bench --backends legacy,elastic --tokens 128,256,512,1024 --iters 60 --rounds 6 --warmup 5 --name small_T_rounds_$run
+      done
+      ;;
+    gap)  # issue 11: where the plugin's extra microseconds at 256 tokens go, one backend per process
+      tree "$DEEPEP_DIR"; machine_info
+      for run in legacy_1 elastic_1 legacy_2 elastic_2; do
+        step small_t_gap_$run 75 env GAP_BACKENDS=${run%_*} GAP_OUT="$RES/small_t_gap_$run.json" $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/small_t_gap.py
       done
       ;;
     torch_only)  # the torch backend alone: torch's own NCCL, no DeepEP (one command: install the wheels, run)

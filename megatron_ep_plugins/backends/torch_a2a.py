@@ -4,18 +4,11 @@ Works with gloo on CPU and NCCL on GPU, needs no extension, and is the fallback 
 (including clusters where DeepEP cannot run). Every other backend is tested against it.
 
 Per dispatch: one small header exchange (per-destination row counts, per-expert counts, a count of
-bad expert ids, the shape values every rank must agree on, and the routing metadata of the rows to
-come: their local expert ids and weights), moved to the host in one transfer (the metadata stays on
-the device), which is the dispatch's only host sync; then the rows, with one ``all_to_all_single``
-whose split sizes are now known. Bad routing ids are detected on the device and reported through the
-header, so every rank raises the same error instead of one rank raising and the others hanging.
-Combine and a dispatch with a cached handle never sync the host.
-
-The header is fixed-size, so the metadata travels in ``cap`` slots per sender, a capacity each group
-sets at its first dispatch and grows when a sender has more rows for one destination (column
-``_ROWS``, which every rank receives from every sender, so all ranks decide alike): that dispatch
-sends the metadata with a collective of its own, as the first one does. On 2 x H200 that separate
-collective cost about 50 us of host time per dispatch (``benchmarks/results/2xH200``).
+bad expert ids and the shape values every rank must agree on), moved to the host in one transfer,
+which is the dispatch's only host sync; then the rows and their routing metadata, each with one
+``all_to_all_single`` whose split sizes are now known. Bad routing ids are detected on the device
+and reported through the header, so every rank raises the same error instead of one rank raising
+and the others hanging. Combine and a dispatch with a cached handle never sync the host.
 
 How (shapes: T tokens, K top-k, R ranks, L = E/R experts per rank, S rows sent, N rows received):
 
@@ -63,9 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["SETTINGS", "TorchA2ABackend", "TorchA2AHandle", "ep_register_backends"]
 
-# Header columns sent to every destination rank (int64), then the per-expert counts, then (once the group has a
-# metadata capacity) the rows' metadata: ``cap`` rows of 2K int32 (K int64 columns), see ``TorchA2ABackend.dispatch``.
-_COUNT, _BAD, _HIDDEN, _TOPK, _DTYPE, _ROWS, _NUM_FIXED = 0, 1, 2, 3, 4, 5, 6
+# Header columns sent to every destination rank (int64), then the per-expert counts.
+_COUNT, _BAD, _HIDDEN, _TOPK, _DTYPE, _NUM_FIXED = 0, 1, 2, 3, 4, 5
 
 
 def _float_dtypes() -> tuple:
@@ -108,20 +100,13 @@ class TorchA2ABackend:
         self._consts: dict = {}  # (device, R, E, hidden, topk, dtype) -> _Consts
         self._graphs = ShapeGraphs(_MAX_GRAPHS)  # (consts key, T, idx dtype) -> _RouteGraph (None: capture failed)
         self._host: dict = {}  # (device, header shape) -> (pinned host buffer, CUDA event)
-        #: Send the rows' metadata inside the header exchange once the group has a capacity for it (one collective
-        #: less per dispatch); tests and the A/B benchmark turn it off to compare.
-        self.meta_in_header: bool = True
-        self._meta_cap: dict = {}  # group -> metadata rows per sender in the header (the same on every rank)
-        #: Up to this many ranks the received metadata is cut out of the header with one ``cat`` of slices (host
-        #: cost grows with R); above it with one device gather (constant). Tests force both.
-        self.meta_cat_limit: int = 8
 
     # -- EPBackend -----------------------------------------------------------------------------
     def set_num_sms(self, num_sms: int) -> None:
         self.num_sms = num_sms  # no kernels of its own: recorded for `explain`, otherwise unused
 
     def agreement_key(self) -> Mapping[str, Any]:
-        return {"algorithm": "all_to_all_single", "version": 2}  # 2: metadata inside the header, column _ROWS
+        return {"algorithm": "all_to_all_single", "version": 1}  # wire format unchanged since version 1
 
     def dispatch(self, x, topk_idx, topk_weights, num_experts, group, *, async_finish=False,
                  allocate_on_comm_stream=False) -> DispatchResult:
@@ -135,21 +120,19 @@ class TorchA2ABackend:
         device = x.device
         on_cuda = device.type == "cuda"
         max_sent = min(world, topk) * num_tokens  # a token goes to at most min(R, K) ranks
-        cap = self._meta_cap.get(group, 0) if self.meta_in_header else 0
 
         # -- routing, header and index building (device only, no sync; one CUDA graph replay once warm) ------
         c = self._constants(device, world, num_experts, hidden, topk, x.dtype)
-        r = self._routing(c, topk_idx, topk_weights, num_tokens, max_sent, cap)
-        headers = r.headers  # [2, R, 6 + L + cap * K]: [0] what this rank sends, [1] what it receives
+        r = self._routing(c, topk_idx, topk_weights, num_tokens, max_sent)
+        headers = r.headers  # [2, R, 5 + L]: [0] what this rank sends, [1] what it receives
         dist.all_to_all_single(headers[1], headers[0], group=group)
-        fixed = _NUM_FIXED + c.local  # the columns the host reads (the metadata after them stays on the device)
         if on_cuda:
             # one copy of both headers into a pinned buffer kept per shape (read before the next dispatch reuses it)
-            host, header_ready = self._host_buffer(headers, fixed)
-            host.copy_(headers[:, :, :fixed], non_blocking=True)
+            host, header_ready = self._host_buffer(headers)
+            host.copy_(headers, non_blocking=True)
             header_ready.record()
         else:
-            host = headers[:, :, :fixed]
+            host = headers
         early = on_cuda if self.gather_before_sync is None else self.gather_before_sync
         rows = x.index_select(0, r.token_ids) if early else None  # upper-bound size, overlaps the host's wait
 
@@ -162,19 +145,12 @@ class TorchA2ABackend:
         recv_splits = [row[_COUNT] for row in got]
         num_sent, num_recv = sum(send_splits), sum(recv_splits)
 
-        # -- payload: rows (sizes known, no sync); metadata from the header, or its own exchange -------
+        # -- payload: rows, then metadata (sizes known, no sync) ----------------------------------
         recv_x = x.new_empty(num_recv, hidden)
         send_rows = rows[:num_sent] if early else x.index_select(0, r.token_ids[:num_sent])
         dist.all_to_all_single(recv_x, send_rows, recv_splits, send_splits, group=group)
-        # every rank saw every sender's largest row count (column _ROWS), so all ranks take the same branch
-        need = max(row[_ROWS] for row in got)
-        if need <= cap:
-            recv_meta = self._header_meta(headers[1], fixed, cap, topk, recv_splits, num_recv)
-        else:  # no capacity yet (first dispatch on this group) or too small: exchange it, size it for next time
-            recv_meta = r.meta.new_empty(num_recv, 2 * topk)
-            dist.all_to_all_single(recv_meta, r.meta[:num_sent], recv_splits, send_splits, group=group)
-            if self.meta_in_header:
-                self._meta_cap[group] = _capacity(need)
+        recv_meta = r.meta.new_empty(num_recv, 2 * topk)
+        dist.all_to_all_single(recv_meta, r.meta[:num_sent], recv_splits, send_splits, group=group)
         recv_idx = recv_meta[:, :topk].long()
         recv_w = recv_meta[:, topk:].view(torch.float32).contiguous()
         tokens_per_expert = host[1, :, _NUM_FIXED:].sum(0)  # a fresh tensor: the pinned buffer is reused
@@ -182,43 +158,28 @@ class TorchA2ABackend:
                                 num_tokens, num_experts, num_sent, num_recv)
         return DispatchResult(recv_x, recv_idx, recv_w, tokens_per_expert, handle)
 
-    def _header_meta(self, received, fixed: int, cap: int, topk: int, recv_splits: list, num_recv: int):
-        """The received rows' metadata ``[N, 2K]`` int32 out of the received header ``[R, fixed + cap * K]``:
-        sender ``s``'s first ``recv_splits[s]`` of its ``cap`` slots, in rank order (the rows' order). Up to
-        ``meta_cat_limit`` ranks one ``cat`` of slices, above it one device gather (constant host cost)."""
+    def _host_buffer(self, headers):
+        """The pinned host buffer for this header shape and the event that says the copy into it is done: made
+        once, reused by every dispatch (saves a pinned allocation and an event per call; a dispatch reads the
+        buffer right after waiting on the event, before any later dispatch can write it)."""
         import torch
 
-        world = len(recv_splits)
-        block = received[:, fixed:].view(torch.int32).view(world, cap, 2 * topk)
-        if world <= self.meta_cat_limit:
-            return torch.cat([block[s, :n] for s, n in enumerate(recv_splits)])
-        slots = torch.arange(cap, device=block.device)
-        valid = slots < received[:, _COUNT:_COUNT + 1]  # [R, cap]: the slots each sender filled
-        pos = torch.nonzero_static(valid.view(-1), size=num_recv).view(-1)
-        return block[pos // cap, pos % cap]
-
-    def _host_buffer(self, headers, fixed: int):
-        """The pinned host buffer for the headers' first ``fixed`` columns and the event that says the copy into
-        it is done: made once per shape, reused by every dispatch (saves a pinned allocation and an event per call;
-        a dispatch reads the buffer right after waiting on the event, before any later dispatch can write it)."""
-        import torch
-
-        key = (headers.device, headers.shape[:2], fixed)
+        key = (headers.device, headers.shape)
         entry = self._host.get(key)
         if entry is None:
-            entry = self._host[key] = (torch.empty((*headers.shape[:2], fixed), dtype=headers.dtype, pin_memory=True),
+            entry = self._host[key] = (torch.empty(headers.shape, dtype=headers.dtype, pin_memory=True),
                                        torch.cuda.Event())
         return entry
 
-    def _routing(self, c: "_Consts", idx, weights, num_tokens: int, max_sent: int, cap: int) -> "_Routing":
+    def _routing(self, c: "_Consts", idx, weights, num_tokens: int, max_sent: int) -> "_Routing":
         """:func:`_route` on this dispatch's inputs; on CUDA, from the second dispatch of a shape on, as one
         replay of a CUDA graph captured for that shape (its outputs copied out of the graph's buffers with
         one clone, since handles outlive the next dispatch)."""
         if not c.graphs or num_tokens == 0:
-            return _route(c, idx, weights, num_tokens, max_sent, cap)
-        graph = self._graphs.lookup((c.key, num_tokens, idx.dtype, cap),
-                                    lambda: _RouteGraph.capture(c, idx, weights, num_tokens, max_sent, cap))
-        return _route(c, idx, weights, num_tokens, max_sent, cap) if graph is None else graph(idx, weights)
+            return _route(c, idx, weights, num_tokens, max_sent)
+        graph = self._graphs.lookup((c.key, num_tokens, idx.dtype),
+                                    lambda: _RouteGraph.capture(c, idx, weights, num_tokens, max_sent))
+        return _route(c, idx, weights, num_tokens, max_sent) if graph is None else graph(idx, weights)
 
     def dispatch_cached(self, x, handle, group, *, async_finish=False, allocate_on_comm_stream=False):
         import torch.distributed as dist
@@ -345,13 +306,12 @@ class _Routing(NamedTuple):
     slots: "torch.Tensor"  # [T, K] destination + 1 of each top-k entry, 0 = routed nowhere
 
 
-def _route(c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int, cap: int = 0) -> _Routing:
+def _route(c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> _Routing:
     """Everything a dispatch computes on the device before its host sync: a fixed sequence of kernels with
-    shapes fixed by (T, K, R, E, cap), no host sync, so it can be captured as a CUDA graph (:class:`_RouteGraph`).
+    shapes fixed by (T, K, R, E), no host sync, so it can be captured as a CUDA graph (:class:`_RouteGraph`).
 
     Send order is destination-major, tokens ascending; send position p of a row is stored as p + 1, so that 0
-    can mean "no row" and point at the spare row 0 of combine's receive buffer. With ``cap`` > 0 the header
-    row for destination d also carries the metadata of the (at most ``cap``) rows sent to d (:func:`_meta_block`)."""
+    can mean "no row" and point at the spare row 0 of combine's receive buffer."""
     import torch
     import torch.nn.functional as F
 
@@ -363,19 +323,15 @@ def _route(c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int, cap: i
     hist.scatter_add_(0, code.reshape(-1), c.ones.expand(code.numel()))
     slots = c.slot_of_code.take(code)  # [T, K] destination rank + 1, 0 = routed nowhere (masked or bad)
     in_rank = (slots.unsqueeze(2) == c.ranks).any(1)  # [T, R]
-    counts = in_rank.sum(0)  # [R] rows to each destination
+    headers = torch.zeros(2, world, _NUM_FIXED + c.local, dtype=torch.int64, device=idx.device)
+    torch.cat([in_rank.sum(0).view(world, 1), hist[num_experts + 1:].expand(world, 1), c.header,
+               hist[1:num_experts + 1].view(world, c.local)], dim=1, out=headers[0])
     dest_major = in_rank.t()  # [R, T]
     pairs = torch.nonzero_static(dest_major, size=max_sent, fill_value=0)  # (destination, token), padded
     row_dest, token_ids = pairs[:, 0], pairs[:, 1]
     sent_before = dest_major.reshape(-1).cumsum(0).view(world, num_tokens).t()  # [T, R], inclusive: position + 1
     positions = F.pad(torch.where(in_rank, sent_before, 0), (1, 0))  # [T, 1 + R]: column d + 1 for destination d
     meta = _pack_meta(idx, weights, slots, token_ids, row_dest, c.local, c.meta_fill)
-    columns = [counts.view(world, 1), hist[num_experts + 1:].expand(world, 1), c.header,
-               counts.max().view(1, 1).expand(world, 1), hist[1:num_experts + 1].view(world, c.local)]
-    if cap:
-        columns.append(_meta_block(meta, counts, row_dest, cap, world).view(torch.int64))
-    headers = torch.zeros(2, world, _NUM_FIXED + c.local + cap * topk, dtype=torch.int64, device=idx.device)
-    torch.cat(columns, dim=1, out=headers[0])
     if world > topk:  # at most K destinations per token: one bag entry per distinct destination
         distinct = slots.sort(dim=1).values
         distinct[:, 1:].masked_fill_(distinct[:, 1:] == distinct[:, :-1], 0)
@@ -383,28 +339,6 @@ def _route(c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int, cap: i
     else:
         bags = positions[:, 1:].contiguous()
     return _Routing(headers, token_ids, meta, bags, positions.gather(1, slots), slots)
-
-
-def _meta_block(meta, counts, row_dest, cap: int, world: int) -> "torch.Tensor":
-    """``meta`` (``[S_max, 2K]`` int32 in send order) as ``[R, cap * 2K]``: row d holds the metadata of the rows sent
-    to destination d in their send order, zeros after them. Padding rows of ``meta`` (past the rows actually sent)
-    and rows past ``cap`` go to spare slots that are not sent (each its own: no duplicate index)."""
-    import torch
-
-    rows = meta.shape[0]
-    start = counts.cumsum(0) - counts  # [R] first send position of each destination
-    p = torch.arange(rows, device=meta.device)
-    within = p - start.take(row_dest)
-    slot = torch.where((p < counts.sum()) & (within < cap), row_dest * cap + within, world * cap + p)
-    block = meta.new_zeros(world * cap + rows, meta.shape[1])
-    block.index_copy_(0, slot, meta)
-    return block[:world * cap].view(world, cap * meta.shape[1])
-
-
-def _capacity(rows: int) -> int:
-    """Metadata slots per sender in the header for a largest row count ``rows``: the next power of two (at least
-    64), so that routing that moves a little does not change the header's shape (nor the routing graph)."""
-    return max(64, 1 << (rows - 1).bit_length())
 
 
 def _pack(r: _Routing) -> tuple:
@@ -431,9 +365,8 @@ class _RouteGraph:
         self.plan = [(shape, dtype == torch.int32) for shape, dtype in layout]
 
     @classmethod
-    def capture(cls, c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int,
-                cap: int) -> Optional["_RouteGraph"]:
-        replay = capture_replay(lambda idx, w: _pack(_route(c, idx, w, num_tokens, max_sent, cap)), (topk_idx, weights),
+    def capture(cls, c: _Consts, topk_idx, weights, num_tokens: int, max_sent: int) -> Optional["_RouteGraph"]:
+        replay = capture_replay(lambda idx, w: _pack(_route(c, idx, w, num_tokens, max_sent)), (topk_idx, weights),
                                 f"backend 'torch': routing for T={num_tokens} (MCORE_EP_TORCH_CUDA_GRAPHS=0 turns "
                                 "capture off)")
         return None if replay is None else cls(replay, replay.outputs[1])
