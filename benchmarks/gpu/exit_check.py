@@ -14,8 +14,8 @@ dispatch/combine pairs through the slot Megatron calls, then end the way trainin
   to call the backend's ``release`` first, ``megatron_ep_plugins/teardown.py``), then ``destroy_process_group()``.
 
 2 x H200, 2026-11-30 (``validate.sh lease18``): ``elastic`` + ``destroy`` exited with SIGABRT (-6) on both ranks after
-reaching the end; ``release`` and ``plain`` exited with 0, and ``legacy`` with 0 in all three. ``install`` came after
-that run and has been checked on the DeepEP emulator only.
+reaching the end; ``release`` and ``plain`` exited with 0, and ``legacy`` with 0 in all three. ``install`` (``lease19a``):
+rc=0 for ``elastic`` and ``legacy``, with ``elastic`` + ``destroy`` still dying with SIGABRT in the same lease.
 
 ``EXIT_BACKEND`` names the backend (default ``elastic``). Launch:
 ``EXIT_BACKEND=elastic EXIT_MODE=destroy torchrun --nproc-per-node 2 benchmarks/gpu/exit_check.py``; each rank prints
