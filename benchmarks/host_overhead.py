@@ -31,9 +31,9 @@ Megatron's path still applies its Functions). Megatron's flags are used
 A second table times the pieces a call is made of. ``--device cuda`` puts the doubles' tensors on a
 GPU (tensor operations on the path then pay CUDA launch costs; what is timed is still host time).
 
-TEST DOUBLES: ``_FakeBuffer``, ``_FakeElasticBuffer`` & co. (installed as a fake ``deep_ep`` module in ``sys.modules`` for this
-process only, and patched into ``fused_a2a`` only while measuring) and ``_NoWorkBackend`` exist only in
-this script; they are never registered as plugins and never selectable.
+TEST DOUBLES: ``_FakeBuffer``, ``_FakeElasticBuffer`` & co. (installed as a fake ``deep_ep`` module in
+``sys.modules`` for this process only, and patched into ``fused_a2a`` only while measuring) and
+``_NoWorkBackend`` exist only in this script; they are never registered as plugins and never selectable.
 
 Print-only: nothing here asserts anything about speed.
 
@@ -525,9 +525,11 @@ def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, 
         "legacy: `LegacyHandle(...)`": legacy_handle,
         "`dispatch_key(...)` + dict lookup (shapes without the token count)":
             lambda: {}.get(common.dispatch_key(x, idx, probs, NUM_EXPERTS, group)),
-        "`call_key(...)` + dict lookup (full shapes)": lambda: {}.get(common.call_key(x, idx, probs, NUM_EXPERTS, group)),
+        "`call_key(...)` + dict lookup (full shapes)":
+            lambda: {}.get(common.call_key(x, idx, probs, NUM_EXPERTS, group)),
         "`combine_key(x)` + set membership": lambda: (0, common.combine_key(x), HIDDEN) in seen,
-        "elastic: `ElasticHandle(...)`": lambda: deepep_elastic.ElasticHandle(None, None, recv_idx, TOKENS, RECV, HIDDEN),
+        "elastic: `ElasticHandle(...)`":
+            lambda: deepep_elastic.ElasticHandle(None, None, recv_idx, TOKENS, RECV, HIDDEN),
         "`DispatchResult(...)` (the 5-tuple every adapter returns)":
             lambda: DispatchResult(x, recv_idx, recv_probs, None, None),
     }

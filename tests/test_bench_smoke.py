@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ def test_bench_cpu_torch_and_allgather(tmp_path):
     report = json.loads((tmp_path / "ep_bench.json").read_text())
     assert (tmp_path / "ep_bench.md").read_text().startswith("# ep_bench")
     assert report["machine"]["world_size"] == 2 and report["machine"]["device"] == "cpu"
+    if "OMP_NUM_THREADS" not in os.environ:  # spawned ranks get one intra-op thread each, as under torchrun
+        assert report["machine"]["torch_threads"] == 1 and report["machine"]["env"]["OMP_NUM_THREADS"] == "1"
     speeds = report["machine"]["host_python_us_per_rank"]
     assert len(speeds) == 2 and all(v > 0 for v in speeds)  # each rank's host speed, for reading host-bound rows
     assert all(len(r["host_python_us_per_rank"]) == 2 for r in report["results"])  # and each row's own

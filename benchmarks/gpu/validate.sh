@@ -52,7 +52,7 @@
 #     lease19a   the destroy_process_group hook on the GPU (exit_check.py install mode, legacy and elastic; destroy
 #                without it as the control), the torch GPU tests, host_overhead.py on this host (CPU and CUDA
 #                tensors); at 19a8d88 also torch_meta_ab.py (the torch backend's metadata inside the header exchange
-#                against its own collective: slower, so the variant and the script were removed)
+#                against its own collective: no gain, so the variant and the script were removed)
 #     lease19b   the torch token sweep and bf16 T=4096 torch+legacy+elastic (at 19a8d88 the torch rows ran the
 #                metadata-in-header variant); small T in rounds twice (issue 11, each report with its ranks' host speed)
 #     gap        small_t_gap.py: issue 11's plugin/direct gap at 256 tokens built up piece by piece, legacy and
@@ -363,7 +363,7 @@ for stage in "$@"; do
         step exit_${case%%:*}_${case##*:} 60 env EXIT_BACKEND=${case%%:*} EXIT_MODE=${case##*:} $PY -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/gpu/exit_check.py
       done
       ;;
-    lease19a)  # the teardown hook on the GPU; torch's metadata in the header; the host cost per call on this VM
+    lease19a)  # the teardown hook on the GPU; the torch GPU tests; the host cost per call on this VM
       for i in $(seq 120); do grep -q "build rc=" /tmp/build_hybridep.log 2>/dev/null && break; sleep 2; done
       tree "$DEEPEP_DIR"; machine_info
       for case in elastic:install legacy:install elastic:destroy; do

@@ -140,6 +140,14 @@ def _free_port():
 def _spawned(run_rank, rank, world, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    if world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # what torchrun does for several ranks on one host: one intra-op thread each. With torch's default (one per
+        # core) the ranks' OpenMP workers spin against each other and every large CPU op waits milliseconds for a
+        # core (benchmarks/README.md, "Why a bf16 combine was slow on CPU"); OMP_NUM_THREADS set by the user wins
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     try:
         code = run_rank(rank, world, args)
     except SystemExit as exc:

@@ -442,12 +442,13 @@ def machine(device, world):
     import torch
 
     m = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-         "device": device, "world_size": world}
+         "device": device, "world_size": world, "torch_threads": torch.get_num_threads()}
     if device == "cuda":
         m["gpu"] = torch.cuda.get_device_name()
         m["gpu_count"] = torch.cuda.device_count()
         m["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    for var in ("EP_DISABLE_GIN", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    for var in ("EP_DISABLE_GIN", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+                "OMP_NUM_THREADS"):
         if var in os.environ:
             m.setdefault("env", {})[var] = os.environ[var]
     return m
