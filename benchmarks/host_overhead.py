@@ -510,6 +510,7 @@ def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, 
         "`torch.tensor(list of 128 ints, dtype=int64)`": lambda: torch.tensor(POOL.counts, dtype=torch.int64),
         "`torch.frombuffer(array('q', list of 128 ints), dtype=int64)`":
             lambda: torch.frombuffer(array.array("q", POOL.counts), dtype=torch.int64),
+        "`counts_tensor(list of 128 ints)` (struct pack + frombuffer)": lambda: common.counts_tensor(POOL.counts),
         "`torch.where(recv_idx >= 0, w.float(), 0.0)` (prob mask)":
             lambda: torch.where(recv_idx >= 0, recv_probs.float(), 0.0),
         "autograd.Function.apply, 7 args, 1 output, no ctx use": lambda: Empty.apply(leaf, 1, 2, 3, 4, 5, 6),
@@ -541,7 +542,8 @@ def piece_cases(group, legacy) -> tuple[dict[str, Callable[[], Any]], dict[str, 
         "`group.size()`": "Megatron's get_buffer: 3 per call",
         "`torch.tensor(list of 128 ints)`": "Megatron FusedDispatch.forward: per dispatch",
         "`torch.tensor(list of 128 ints, dtype=int64)`": "the DeepEP adapters before _deepep_common.counts_tensor",
-        "`torch.frombuffer(array('q', list of 128 ints), dtype=int64)`": "the same tensor: DeepEP adapters (counts_tensor), per dispatch",
+        "`torch.frombuffer(array('q', list of 128 ints), dtype=int64)`": "the same tensor: counts_tensor before de260e1",
+        "`counts_tensor(list of 128 ints)` (struct pack + frombuffer)": "the DeepEP adapters: per dispatch",
         "`torch.where(recv_idx >= 0, w.float(), 0.0)` (prob mask)":
             "legacy adapter: dispatch backward (on a GPU: CUDA launches)",
         "apply, 5 outputs + 4 ctx attributes (FusedDispatch's shape)": "Megatron and the slot: per call",
