@@ -583,9 +583,9 @@ def _call_keys_bounded(rank, world, backend_name, limit):
     its rank alone (no collective after the group's first dispatch), and the validated keys stay under the limit."""
     import torch.distributed as dist
 
-    from megatron_ep_plugins.backends import deepep_elastic, deepep_legacy
+    from megatron_ep_plugins.backends import _deepep_common
 
-    deepep_elastic.MAX_CALL_KEYS = deepep_legacy.MAX_CALL_KEYS = limit
+    _deepep_common.MAX_CALL_KEYS = limit  # read by remember() at each call
     backend = make_backend(backend_name)
     group = dist.group.WORLD
     calls, original = [], dist.all_reduce

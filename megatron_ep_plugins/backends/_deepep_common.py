@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 from ..errors import InvalidInputError
 
 __all__ = ["STREAM_OVERLAP_NOTE", "DEEPEP_HYBRID_EP", "DEEPEP_MAIN", "DEEPEP_V25", "DEEP_EP_V25_MODULE", "ProbeFacts",
-           "counts_tensor",
+           "MAX_CALL_KEYS", "call_key", "counts_tensor", "remember",
            "agree_on_inputs", "check_combine_args", "check_dispatch_args", "check_gpu", "check_handle",
            "check_torch_deterministic", "combine_key", "cuda_problem", "decode_nccl_version", "deep_ep_api",
            "deep_ep_classes", "deep_ep_version", "device_sm_count", "dispatch_key", "import_event_classes",
@@ -372,6 +372,17 @@ def call_key(x, topk_idx, topk_weights, num_experts, group) -> Optional[tuple]:
                 topk_weights.shape)
     except (AttributeError, IndexError, TypeError, ValueError):
         return None
+
+
+def remember(cache: dict, key, value) -> None:
+    """``cache[key] = value`` for a validated call key, forgetting every key once :data:`MAX_CALL_KEYS` are held;
+    an unhashable key (an argument the full checks accepted but a dict cannot hold) is simply not cached."""
+    if len(cache) >= MAX_CALL_KEYS:
+        cache.clear()
+    try:
+        cache[key] = value
+    except TypeError:
+        pass
 
 
 def combine_key(x) -> Optional[tuple]:

@@ -114,7 +114,7 @@ from . import _deepep_common
 from ._deepep_common import (DEEP_EP_V25_MODULE, agree_on_inputs, check_combine_args, check_dispatch_args, check_gpu,
                              check_handle, check_token_rows, check_torch_deterministic, combine_key, counts_tensor,
                              decode_nccl_version, deep_ep_api, deep_ep_classes, deep_ep_version, device_sm_count,
-                             call_key, MAX_CALL_KEYS, module_installed, owned_weights, ProbeFacts, rule_error)
+                             call_key, module_installed, owned_weights, ProbeFacts, remember, rule_error)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -544,12 +544,7 @@ class DeepEPElasticBackend:
         check_v2_hybrid_rules(st.buffer, st.world, num_experts, self.num_sms, library=self._library)
         if agree:  # only once the group has a buffer sized from an agreed T (never from one rank's own T)
             self._agreed.add(group)
-        if len(self._ready) >= MAX_CALL_KEYS:
-            self._ready.clear()
-        try:
-            self._ready[key] = st
-        except TypeError:
-            pass
+        remember(self._ready, key, st)
         return st
 
     def _check_tokens(self, key, x, h: ElasticHandle, op: str) -> None:

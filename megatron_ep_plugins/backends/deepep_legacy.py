@@ -74,7 +74,7 @@ from ..hookspecs import hookimpl
 from ..spec import Availability, BackendSpec, Capabilities, DispatchResult, EnvVar, Integer
 from ._deepep_common import (check_combine_args, check_dispatch_args, check_handle, check_token_rows,
                              check_torch_deterministic, combine_key, counts_tensor, deep_ep_api, deep_ep_version,
-                             call_key, import_event_classes, MAX_CALL_KEYS, owned_weights, probe_deep_ep,
+                             call_key, import_event_classes, owned_weights, probe_deep_ep, remember,
                              rule_error, v25_module_note)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -288,14 +288,6 @@ class DeepEPLegacyBackend:
         buf = self._buffers[group] = self._Buffer(group, num_nvl, num_rdma)
         return buf
 
-    def _remember(self, key, buffer) -> None:
-        if len(self._ready) >= MAX_CALL_KEYS:
-            self._ready.clear()
-        try:
-            self._ready[key] = buffer
-        except TypeError:
-            pass
-
     def _prepare_dispatch(self, key, x, topk_idx, topk_weights, num_experts, group):
         """Slow path, once per call key: full argument checks, the V1 size rules, the buffer."""
         world = self._world_size(group)
@@ -304,7 +296,7 @@ class DeepEPLegacyBackend:
         check_v1_rules(world, data.shape[1], data.element_size(), topk_idx.shape[1], num_experts,
                        x[1].shape[1] if is_fp8 else 0)
         buffer = self._get_buffer(group, _hidden_bytes(data), world)
-        self._remember(key, buffer)
+        remember(self._ready, key, buffer)
         return buffer
 
     def _prepare_tokens(self, key, x, group, op: str):
@@ -315,7 +307,7 @@ class DeepEPLegacyBackend:
         check_v1_rules(world, data.shape[1], data.element_size(), 0, None,
                        x[1].shape[1] if isinstance(x, tuple) else 0, op="combine" if op == "combine" else "dispatch")
         buffer = self._get_buffer(group, _hidden_bytes(data), world)
-        self._remember(key, buffer)
+        remember(self._ready, key, buffer)
         return buffer
 
     def _events(self, async_finish: bool, allocate_on_comm_stream: bool):
